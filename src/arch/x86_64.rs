@@ -1,0 +1,226 @@
+//! x86-64 instruction encoding for static-call sites: what the five bytes of a site can be, and
+//! the proof that a piece of code is one of our sites and which key it binds.
+//!
+//! A site, as `site.rs` emits it:
+//!
+//! ```text
+//! C - 7 - p:  4C 8D 1D d32     lea  r11, [rip + KEY]   the key binding (7 bytes)
+//! C - p:      <p bytes of NOP> padding, 0 <= p <= 7, chosen by the assembler
+//! C:          E8 r32           call <trampoline>       C = 0 (mod 8): the aligned quadword at C
+//!                                                      holds the whole call
+//! ```
+//!
+//! Only the five bytes at `C` are ever rewritten, and always into one instruction of five bytes
+//! (never two: a thread preempted between two instructions would resume inside the next
+//! rewrite's rel32).
+
+use iced_x86::{Code, Decoder, DecoderOptions, Mnemonic, OpKind, Register};
+
+use crate::diagnostics::Reason;
+
+/// Length of every instruction a site can hold.
+pub const INSN_LEN: usize = 5;
+/// Length of the key binding `lea r11, [rip + disp32]`.
+const LEA_LEN: usize = 7;
+/// Most padding `.p2align 3` can put between the `lea` and the `call`.
+const MAX_PAD: usize = 7;
+/// Bytes the verifier reads before the call: the longest `lea` + padding.
+pub const PROLOGUE: usize = LEA_LEN + MAX_PAD;
+/// Alignment of the call instruction, and size of the word that is swapped.
+pub const WORD: usize = 8;
+
+/// Five bytes of code.
+pub type Insn = [u8; INSN_LEN];
+
+/// What a site's five bytes do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SiteInsn {
+    /// `call dest`.
+    Call(usize),
+}
+
+/// The one table of transforms: the bytes that make the site at `site` do `what`, or `None` if
+/// that cannot be encoded there (a call target beyond a rel32).
+pub fn encode(site: usize, what: SiteInsn) -> Option<Insn> {
+    match what {
+        SiteInsn::Call(dest) => {
+            let rel =
+                i32::try_from((dest as i64).wrapping_sub(site as i64 + INSN_LEN as i64)).ok()?;
+            let r = rel.to_le_bytes();
+            Some([0xe8, r[0], r[1], r[2], r[3]])
+        }
+    }
+}
+
+/// Replaces the first five bytes of the little-endian quadword `word` with `insn`.
+pub fn with_insn(word: u64, insn: Insn) -> u64 {
+    let mut b = word.to_le_bytes();
+    b[..INSN_LEN].copy_from_slice(&insn);
+    u64::from_le_bytes(b)
+}
+
+/// The first five bytes of the little-endian quadword `word`.
+pub fn insn_of(word: u64) -> Insn {
+    let b = word.to_le_bytes();
+    [b[0], b[1], b[2], b[3], b[4]]
+}
+
+/// Packs five bytes into the low 40 bits of a u64, for storing.
+pub fn pack(insn: Insn) -> u64 {
+    with_insn(0, insn)
+}
+
+/// Proves that `code` is one of our call sites and returns the key it binds.
+///
+/// `code` holds the `PROLOGUE` bytes before the call followed by the five bytes of the call; its
+/// first byte is at address `start`. The proof:
+/// 1. the five bytes at the end are `call trampoline`;
+/// 2. for exactly one padding length `p` in 0..=7, the bytes before the call decode as
+///    `lea r11, [rip + disp32]` followed by nothing but NOPs up to the call.
+///
+/// Exactly one: if two paddings decode, the bytes are ambiguous and prove nothing. An asm block
+/// is indivisible (the compiler cannot jump into it), so a proven `lea` is the one every
+/// execution of this `call` has just run, and r11 holds the address it computes.
+pub fn prove_site(code: &[u8], start: u64, trampoline: u64) -> Result<u64, Reason> {
+    if code.len() != PROLOGUE + INSN_LEN {
+        return Err(Reason::NotASite);
+    }
+    let call_at = start + PROLOGUE as u64;
+    let call = decode_one(&code[PROLOGUE..], call_at).ok_or(Reason::NotASite)?;
+    if call.code() != Code::Call_rel32_64 || call.near_branch64() != trampoline {
+        return Err(Reason::NotASite);
+    }
+    let mut proven = None;
+    for pad in 0..=MAX_PAD {
+        let from = PROLOGUE - LEA_LEN - pad;
+        if let Some(key) = key_binding(&code[from..PROLOGUE], start + from as u64) {
+            if proven.is_some() {
+                return Err(Reason::KeyNotProven);
+            }
+            proven = Some(key);
+        }
+    }
+    proven.ok_or(Reason::KeyNotProven)
+}
+
+/// If `bytes` (at address `ip`) are exactly `lea r11, [rip + disp32]` then NOPs to the end,
+/// the address the `lea` computes.
+fn key_binding(bytes: &[u8], ip: u64) -> Option<u64> {
+    let mut decoder = Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE);
+    let lea = decoder.decode();
+    let is_binding = !lea.is_invalid()
+        && lea.code() == Code::Lea_r64_m
+        && lea.len() == LEA_LEN
+        && lea.op0_register() == Register::R11
+        && lea.op1_kind() == OpKind::Memory
+        && lea.is_ip_rel_memory_operand()
+        && lea.memory_index() == Register::None;
+    if !is_binding {
+        return None;
+    }
+    while decoder.can_decode() {
+        let pad = decoder.decode();
+        if pad.is_invalid() || pad.mnemonic() != Mnemonic::Nop {
+            return None;
+        }
+    }
+    // `can_decode` is false exactly when every byte was consumed; an instruction running past
+    // the end would have decoded as invalid above.
+    Some(lea.ip_rel_memory_address())
+}
+
+/// Decodes exactly one instruction that spans all of `bytes`.
+fn decode_one(bytes: &[u8], ip: u64) -> Option<iced_x86::Instruction> {
+    let mut decoder = Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE);
+    let insn = decoder.decode();
+    (!insn.is_invalid() && insn.len() == bytes.len()).then_some(insn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TRAMP: u64 = 0x40_0000;
+
+    /// Builds lea + `pad` padding + call trampoline, with the call at `call_at`.
+    fn site(call_at: u64, key: u64, pad: &[u8]) -> (Vec<u8>, u64) {
+        let start = call_at - PROLOGUE as u64;
+        let lea_at = call_at - pad.len() as u64 - LEA_LEN as u64;
+        let disp = (key as i64 - (lea_at as i64 + LEA_LEN as i64)) as i32;
+        let mut code = vec![0xcc; PROLOGUE - LEA_LEN - pad.len()];
+        code.extend_from_slice(&[0x4c, 0x8d, 0x1d]);
+        code.extend_from_slice(&disp.to_le_bytes());
+        code.extend_from_slice(pad);
+        code.extend_from_slice(&encode(call_at as usize, SiteInsn::Call(TRAMP as usize)).unwrap());
+        (code, start)
+    }
+
+    #[test]
+    fn proves_every_padding_llvm_emits() {
+        let pads: [&[u8]; 8] = [
+            &[],
+            &[0x90],
+            &[0x66, 0x90],
+            &[0x0f, 0x1f, 0x00],
+            &[0x0f, 0x1f, 0x40, 0x00],
+            &[0x0f, 0x1f, 0x44, 0x00, 0x00],
+            &[0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00],
+            &[0x0f, 0x1f, 0x80, 0x00, 0x00, 0x00, 0x00],
+        ];
+        for pad in pads {
+            let (code, start) = site(0x50_0000, 0x60_1234, pad);
+            assert_eq!(
+                prove_site(&code, start, TRAMP),
+                Ok(0x60_1234),
+                "pad {pad:x?}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_wrong_call_or_binding() {
+        let (mut code, start) = site(0x50_0000, 0x60_1234, &[0x90]);
+        assert_eq!(prove_site(&code, start, TRAMP + 1), Err(Reason::NotASite));
+        // int3 over the call
+        let mut b = code.clone();
+        b[PROLOGUE] = 0xcc;
+        assert_eq!(prove_site(&b, start, TRAMP), Err(Reason::NotASite));
+        // lea into r10 instead of r11
+        code[PROLOGUE - 8] = 0x4c;
+        code[PROLOGUE - 6] = 0x15;
+        assert_eq!(prove_site(&code, start, TRAMP), Err(Reason::KeyNotProven));
+        // padding that is not a NOP
+        let (mut code, start) = site(0x50_0000, 0x60_1234, &[0x90]);
+        code[PROLOGUE - 1] = 0x50; // push rax
+        assert_eq!(prove_site(&code, start, TRAMP), Err(Reason::KeyNotProven));
+    }
+
+    #[test]
+    fn encodes_calls_within_rel32_only() {
+        let site = 0x7f00_0000_0000usize;
+        assert_eq!(
+            encode(site, SiteInsn::Call(site + 5)),
+            Some([0xe8, 0, 0, 0, 0])
+        );
+        assert_eq!(
+            encode(site, SiteInsn::Call(site)),
+            Some([0xe8, 0xfb, 0xff, 0xff, 0xff])
+        );
+        let far = site + 5 + i32::MAX as usize + 1;
+        assert_eq!(encode(site, SiteInsn::Call(far)), None);
+        assert!(encode(site, SiteInsn::Call(far - 1)).is_some());
+        let near_low = site + 5 - (1usize << 31);
+        assert!(encode(site, SiteInsn::Call(near_low)).is_some());
+        assert_eq!(encode(site, SiteInsn::Call(near_low - 1)), None);
+    }
+
+    #[test]
+    fn word_helpers_keep_the_other_bytes() {
+        let w = u64::from_le_bytes([1, 2, 3, 4, 5, 6, 7, 8]);
+        let insn = [0xe8, 0xaa, 0xbb, 0xcc, 0xdd];
+        let n = with_insn(w, insn);
+        assert_eq!(n.to_le_bytes(), [0xe8, 0xaa, 0xbb, 0xcc, 0xdd, 6, 7, 8]);
+        assert_eq!(insn_of(n), insn);
+        assert_eq!(pack(insn) >> 40, 0);
+    }
+}

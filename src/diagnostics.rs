@@ -1,0 +1,308 @@
+//! What the library reports: the state of each site, why a site is not patched, why patching is
+//! off, and counters of the work done. Nothing degrades silently: every site that stays on the
+//! trampoline says why, and [`status`](crate::status) says why patching is off.
+
+use core::fmt;
+
+/// Why patching is switched off for the whole process. Calls stay correct: every site keeps
+/// going through the trampoline, which always jumps to the key's current target.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disabled {
+    /// This build uses the portable fallback (not x86-64 Linux, or the `force-fallback`
+    /// feature): every call is an atomic load and an indirect call.
+    Unsupported,
+    /// The `STATIC_CALL_DISABLE` environment variable was set (to anything but `0` or empty)
+    /// when the library initialised.
+    EnvVar,
+    /// `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)` is unavailable, so cores that
+    /// run patched code could not be serialised. Holds the errno of the failed registration.
+    NoCoreSync {
+        /// errno from `membarrier`.
+        errno: i32,
+    },
+    /// The library could not find its own object among the loaded ones (`dl_iterate_phdr`).
+    ObjectNotFound,
+    /// `mprotect` refused to make a code page writable and executable (`prctl(PR_SET_MDWE)`,
+    /// SELinux `execmem`/`execmod`). Holds the errno, usually `EACCES`.
+    WriteRefused {
+        /// errno from `mprotect`.
+        errno: i32,
+    },
+}
+
+impl fmt::Display for Disabled {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Disabled::Unsupported => f.write_str("this platform uses the portable fallback"),
+            Disabled::EnvVar => f.write_str("STATIC_CALL_DISABLE is set"),
+            Disabled::NoCoreSync { errno } => write!(
+                f,
+                "membarrier(PRIVATE_EXPEDITED_SYNC_CORE) is unavailable ({})",
+                errno_name(*errno)
+            ),
+            Disabled::ObjectNotFound => {
+                f.write_str("could not find this library's own code segment")
+            }
+            Disabled::WriteRefused { errno } => write!(
+                f,
+                "mprotect to read-write-execute was refused ({}; MDWE or SELinux?)",
+                errno_name(*errno)
+            ),
+        }
+    }
+}
+
+/// Why a site keeps going through the trampoline instead of calling its target directly.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Patching is off for the whole process.
+    Disabled(Disabled),
+    /// The return address does not follow one of this library's call sites inside its own
+    /// object's code: the trampoline was reached some other way (a function pointer, a forged
+    /// return address, hand-written code).
+    NotASite,
+    /// The site's bytes do not prove that it belongs to the key it was called with. Reached by a
+    /// key other than its own, such a site must never be bound to either key.
+    KeyNotProven,
+    /// Someone else changed the site's bytes (a debugger's breakpoint, say). They are never
+    /// overwritten.
+    ForeignBytes,
+    /// The key's target is more than ±2 GiB from the site, beyond a `call rel32`. The site is
+    /// patched again once the key points somewhere near.
+    TargetOutOfRange,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::Disabled(d) => write!(f, "patching is off: {d}"),
+            Reason::NotASite => {
+                f.write_str("the return address is not after one of our call sites")
+            }
+            Reason::KeyNotProven => f.write_str("the site's bytes do not prove its key"),
+            Reason::ForeignBytes => f.write_str("the site's bytes were changed by someone else"),
+            Reason::TargetOutOfRange => f.write_str("the target is beyond ±2 GiB of the site"),
+        }
+    }
+}
+
+/// The state of one call site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SiteState {
+    /// Registered by its first call and waiting for the patcher; calls go through the trampoline.
+    Pending,
+    /// The site's bytes are the key's target: a direct `call`.
+    Patched,
+    /// Calls keep going through the trampoline (correct, but slower), for this reason.
+    Trampoline(Reason),
+}
+
+/// One call site, as [`StaticCall::sites`](crate::StaticCall::sites) lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SiteInfo {
+    /// Address of the site's 5-byte `call` instruction.
+    pub address: usize,
+    /// Whether it is patched.
+    pub state: SiteState,
+}
+
+/// An update that could not be carried out. The key and all its sites keep the old target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Error {
+    /// The site that could not be rewritten, if one site was the cause.
+    pub site: Option<usize>,
+    /// What went wrong.
+    pub kind: ErrorKind,
+}
+
+/// What made an [`Error`].
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A patched site's page could not be made writable; holds the errno (usually `EACCES`,
+    /// after `prctl(PR_SET_MDWE)`). Call [`unpatch_all`](crate::unpatch_all) before sandboxing to
+    /// keep `update` working.
+    WriteRefused {
+        /// errno from `mprotect`.
+        errno: i32,
+    },
+    /// A patched site's bytes were changed by someone else and cannot be rewritten.
+    ForeignBytes,
+    /// The cores could not be serialised after the write (`membarrier` failed with this errno).
+    CoreSyncFailed {
+        /// errno from `membarrier`.
+        errno: i32,
+    },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            ErrorKind::WriteRefused { errno } => write!(
+                f,
+                "a patched site's page cannot be made writable ({})",
+                errno_name(errno)
+            )?,
+            ErrorKind::ForeignBytes => {
+                f.write_str("a patched site's bytes were changed by someone else")?
+            }
+            ErrorKind::CoreSyncFailed { errno } => {
+                write!(f, "membarrier(SYNC_CORE) failed ({})", errno_name(errno))?
+            }
+        }
+        if let Some(site) = self.site {
+            write!(f, " at site {site:#x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// The worker thread that patches newly registered sites.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkerStatus {
+    /// Not started yet: no site has been queued in this process (or since `fork`).
+    NotStarted,
+    /// Running (sleeping when there is nothing to patch).
+    Running,
+    /// Could not be started; holds the OS error code. New sites are patched only by
+    /// [`flush`](crate::flush) and `update`, which do the worker's job themselves.
+    Failed {
+        /// The OS error code from spawning the thread, or 0 if none was given.
+        errno: i32,
+    },
+}
+
+/// Process-wide state, from [`status`](crate::status).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// `Ok` if sites get patched; otherwise why not.
+    pub patching: Result<(), Disabled>,
+    /// The patcher thread.
+    pub worker: WorkerStatus,
+    /// Sites registered so far.
+    pub sites: usize,
+    /// How many sites the registry can hold (`STATIC_CALL_MAX_SITES`).
+    pub capacity: usize,
+    /// True once a site could not be registered because the registry was full. Such sites
+    /// keep working through the trampoline.
+    pub registry_full: bool,
+}
+
+/// Counters of the patching work done so far in this process, from [`stats`](crate::stats).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Batches of writes (each ends with one core sync).
+    pub batches: u64,
+    /// Sites written (one locked 8-byte compare-exchange each).
+    pub writes: u64,
+    /// `mprotect` calls (opening and restoring counted separately).
+    pub mprotects: u64,
+    /// `membarrier(SYNC_CORE)` calls.
+    pub core_syncs: u64,
+    /// Total nanoseconds during which some page was writable and executable.
+    pub rwx_nanos: u64,
+    /// Longest single window, in nanoseconds, during which some page was writable and executable.
+    pub max_rwx_nanos: u64,
+}
+
+/// A short name for an errno value.
+pub(crate) fn errno_name(errno: i32) -> String {
+    let name = match errno {
+        libc::EACCES => "EACCES",
+        libc::EPERM => "EPERM",
+        libc::ENOMEM => "ENOMEM",
+        libc::EINVAL => "EINVAL",
+        libc::ENOSYS => "ENOSYS",
+        libc::EAGAIN => "EAGAIN",
+        _ => return format!("errno {errno}"),
+    };
+    name.to_string()
+}
+
+/// Compact encodings, for storing a reason in an atomic word: a tag byte and an errno byte.
+impl Disabled {
+    pub(crate) fn to_code(self) -> u16 {
+        let (tag, errno) = match self {
+            Disabled::Unsupported => (1, 0),
+            Disabled::EnvVar => (2, 0),
+            Disabled::NoCoreSync { errno } => (3, errno),
+            Disabled::ObjectNotFound => (4, 0),
+            Disabled::WriteRefused { errno } => (5, errno),
+        };
+        (tag << 8) | errno.clamp(0, 255) as u16
+    }
+
+    pub(crate) fn from_code(code: u16) -> Option<Disabled> {
+        let errno = (code & 0xff) as i32;
+        Some(match code >> 8 {
+            1 => Disabled::Unsupported,
+            2 => Disabled::EnvVar,
+            3 => Disabled::NoCoreSync { errno },
+            4 => Disabled::ObjectNotFound,
+            5 => Disabled::WriteRefused { errno },
+            _ => return None,
+        })
+    }
+}
+
+impl Reason {
+    const NOT_A_SITE: u16 = 0x40 << 8;
+    const KEY_NOT_PROVEN: u16 = 0x41 << 8;
+    const FOREIGN_BYTES: u16 = 0x42 << 8;
+    const TARGET_OUT_OF_RANGE: u16 = 0x43 << 8;
+
+    pub(crate) fn to_code(self) -> u16 {
+        match self {
+            Reason::Disabled(d) => d.to_code(),
+            Reason::NotASite => Self::NOT_A_SITE,
+            Reason::KeyNotProven => Self::KEY_NOT_PROVEN,
+            Reason::ForeignBytes => Self::FOREIGN_BYTES,
+            Reason::TargetOutOfRange => Self::TARGET_OUT_OF_RANGE,
+        }
+    }
+
+    /// `None` for 0 (no reason) or an unknown code.
+    pub(crate) fn from_code(code: u16) -> Option<Reason> {
+        Some(match code {
+            Self::NOT_A_SITE => Reason::NotASite,
+            Self::KEY_NOT_PROVEN => Reason::KeyNotProven,
+            Self::FOREIGN_BYTES => Reason::ForeignBytes,
+            Self::TARGET_OUT_OF_RANGE => Reason::TargetOutOfRange,
+            _ => Reason::Disabled(Disabled::from_code(code)?),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_codes_round_trip() {
+        let all = [
+            Reason::Disabled(Disabled::Unsupported),
+            Reason::Disabled(Disabled::EnvVar),
+            Reason::Disabled(Disabled::NoCoreSync {
+                errno: libc::ENOSYS,
+            }),
+            Reason::Disabled(Disabled::ObjectNotFound),
+            Reason::Disabled(Disabled::WriteRefused {
+                errno: libc::EACCES,
+            }),
+            Reason::NotASite,
+            Reason::KeyNotProven,
+            Reason::ForeignBytes,
+            Reason::TargetOutOfRange,
+        ];
+        for r in all {
+            assert_ne!(r.to_code(), 0);
+            assert_eq!(Reason::from_code(r.to_code()), Some(r));
+        }
+        assert_eq!(Reason::from_code(0), None);
+    }
+}

@@ -1,0 +1,38 @@
+//! The portable fallback, used wherever patching is not compiled in (every target but x86-64
+//! Linux, or with the `force-fallback` feature): a call is an atomic load of the key's target
+//! and an indirect call (see `StaticCallKey::__site` and `__private::field_site`), and `update`
+//! is one store. There are no sites to list and nothing to flush.
+
+use core::sync::atomic::Ordering;
+
+use crate::diagnostics::{Disabled, Error, SiteInfo, Stats, Status, WorkerStatus};
+use crate::key::{RawKey, Target};
+
+pub(crate) fn update(key: &RawKey, target: Target) -> Result<(), Error> {
+    // Release pairs with the Acquire load of every call: a call that starts after `update`
+    // returned (and is ordered after it) reaches the new target.
+    key.func.store(target.func() as *mut (), Ordering::Release);
+    Ok(())
+}
+
+pub(crate) fn sites(_: &RawKey) -> Vec<SiteInfo> {
+    Vec::new()
+}
+
+pub(crate) fn flush() {}
+
+pub(crate) fn init() {}
+
+pub(crate) fn status() -> Status {
+    Status {
+        patching: Err(Disabled::Unsupported),
+        worker: WorkerStatus::NotStarted,
+        sites: 0,
+        capacity: 0,
+        registry_full: false,
+    }
+}
+
+pub(crate) fn stats() -> Stats {
+    Stats::default()
+}

@@ -1,0 +1,187 @@
+//! Static calls for user space: a call through a function chosen at run time that costs exactly
+//! a direct `call`.
+//!
+//! ```
+//! use static_call::{define_static_call, static_call};
+//!
+//! extern "C" fn add(a: i64, b: i64) -> i64 { a + b }
+//! extern "C" fn mul(a: i64, b: i64) -> i64 { a * b }
+//!
+//! define_static_call!(pub CALC: extern "C" fn(i64, i64) -> i64 = add);
+//!
+//! let x = static_call!(CALC)(2, 3); // 5: the first run goes through the trampoline
+//! CALC.update(mul);                 // returns once every registered site calls `mul`
+//! let y = static_call!(CALC)(2, 3); // 6
+//! let f: extern "C" fn(i64, i64) -> i64 = CALC.query();
+//! static_call::flush();             // every site queued so far is patched (or given up on)
+//! assert_eq!((x, y, f(2, 3)), (5, 6, 6));
+//! ```
+//!
+//! # How it works
+//!
+//! Each `static_call!(KEY)(args)` compiles to one inline-asm block: `lea r11, [rip + KEY]`, NOP
+//! padding, and a `call` to one shared trampoline, placed so that the five bytes of the call lie
+//! in one aligned quadword. The first time a site runs, the trampoline registers it (lock-free)
+//! and jumps to the key's current target; a worker thread then verifies the site's bytes and
+//! rewrites the call into `call <target>` with one locked 8-byte compare-exchange, followed by a
+//! core-serialising `membarrier`. [`StaticCall::update`] stores the new target and rewrites every
+//! registered site the same way before it returns. A site whose bytes do not prove which key it
+//! belongs to is never patched; it keeps calling through the trampoline, which is always correct.
+//!
+//! # Platforms
+//!
+//! Patching happens on x86-64 Linux (kernel 4.16 or later, for `membarrier` sync-core). Every
+//! other target, and builds with the `force-fallback` feature, compile the same API as an atomic
+//! load plus an indirect call. [`status`] tells which applies at run time, and why.
+//!
+//! # Rules for targets
+//!
+//! - Targets are `extern "C"` functions: arguments travel in System V registers.
+//! - A panic in a target aborts the process (an `extern "C"` function cannot unwind).
+//! - The first static call in a process (and the first after `fork`, in the child) initialises
+//!   the library, which allocates and starts a thread. If that first call may happen inside a
+//!   signal handler, call [`init`] beforehand. After that, static calls are async-signal-safe;
+//!   `update` is not.
+//! - Patching is switched off (everything still works, through the trampoline) when the
+//!   environment variable `STATIC_CALL_DISABLE` is set, when `membarrier` cannot serialise cores,
+//!   or when code pages cannot be made writable (`prctl(PR_SET_MDWE)`, SELinux).
+
+#![warn(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod diagnostics;
+mod key;
+mod macros;
+mod site;
+
+#[cfg(static_call_patching)]
+mod arch {
+    pub(crate) mod x86_64;
+}
+#[cfg(static_call_patching)]
+mod os {
+    pub(crate) mod linux;
+}
+#[cfg(static_call_patching)]
+mod patcher;
+#[cfg(static_call_patching)]
+mod registry;
+#[cfg(static_call_patching)]
+mod runtime;
+#[cfg(static_call_patching)]
+mod trampoline;
+#[cfg(static_call_patching)]
+mod worker;
+
+#[cfg(not(static_call_patching))]
+mod fallback;
+
+#[cfg(not(static_call_patching))]
+use fallback as imp;
+#[cfg(static_call_patching)]
+use patcher as imp;
+
+pub use diagnostics::{
+    Disabled, Error, ErrorKind, Reason, SiteInfo, SiteState, Stats, Status, WorkerStatus,
+};
+pub use key::{Signature, StaticCall, StaticCallKey};
+pub use site::{Arg, RetVal};
+
+/// Blocks until every site queued so far has been patched or given up on.
+///
+/// Does the worker's job in the calling thread, so it returns even if the worker could not
+/// start. Returns at once when nothing is queued. Not async-signal-safe.
+///
+/// ```
+/// static_call::define_static_call!(K: extern "C" fn() -> i32 = seven);
+/// extern "C" fn seven() -> i32 { 7 }
+///
+/// assert_eq!(static_call::static_call!(K)(), 7);
+/// static_call::flush();
+/// for site in K.sites() {
+///     assert_ne!(site.state, static_call::SiteState::Pending);
+/// }
+/// ```
+pub fn flush() {
+    imp::flush();
+}
+
+/// Initialises the library now instead of at the first static call: allocates the site registry
+/// and the patch queue, registers for `membarrier`, installs the `fork` handlers and starts the
+/// worker thread. Idempotent.
+///
+/// Call it before the first static call if that call may run inside a signal handler, and in a
+/// `fork`ed child before its first static call for the same reason.
+///
+/// ```
+/// static_call::init();
+/// println!("{:?}", static_call::status());
+/// ```
+pub fn init() {
+    imp::init();
+}
+
+/// Whether patching is on, why not if it is off, and the state of the worker and the registry.
+///
+/// ```
+/// let status = static_call::status();
+/// match status.patching {
+///     Ok(()) => println!("sites are patched into direct calls"),
+///     Err(why) => println!("static calls go through the trampoline: {why}"),
+/// }
+/// ```
+pub fn status() -> Status {
+    imp::status()
+}
+
+/// Counters of the patching work so far: batches, writes, `mprotect` and `membarrier` calls,
+/// and how long pages were writable and executable.
+///
+/// ```
+/// let before = static_call::stats();
+/// // ... static calls, updates ...
+/// let after = static_call::stats();
+/// assert!(after.core_syncs >= before.core_syncs);
+/// ```
+pub fn stats() -> Stats {
+    imp::stats()
+}
+
+/// The address of the trampoline that unpatched sites call, or `None` in the portable fallback.
+/// Useful to tell, from a site's bytes, whether it has been patched.
+///
+/// ```
+/// if let Some(t) = static_call::trampoline_address() {
+///     println!("trampoline at {t:#x}");
+/// }
+/// ```
+pub fn trampoline_address() -> Option<usize> {
+    #[cfg(static_call_patching)]
+    return Some(trampoline::address());
+    #[cfg(not(static_call_patching))]
+    return None;
+}
+
+/// Items the macros expand to. Not part of the API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::key::RawKey;
+    pub use crate::site::{Arg, Class, Cursor, Regs, Ret, RetVal, Site, check_signature};
+    #[cfg(static_call_patching)]
+    pub use crate::trampoline::trampoline;
+
+    use crate::{Signature, StaticCall};
+
+    /// Whether call sites are asm blocks (true) or loads of the target (false).
+    pub const PATCHING: bool = cfg!(static_call_patching);
+
+    /// The function a `static_call!(BASE.field)` expansion calls: the shim holding its site.
+    #[inline(always)]
+    pub fn field_site<S: Site, F: Signature>(key: &StaticCall<F>) -> F {
+        if PATCHING {
+            F::__shim::<S>()
+        } else {
+            key.query()
+        }
+    }
+}

@@ -1,0 +1,498 @@
+//! The code writer, and the Linux facts it relies on. This is the only module that changes
+//! instruction bytes or page protections.
+//!
+//! The rule, in three lines:
+//! 1. A site is written with one locked 8-byte compare-exchange on the aligned quadword holding
+//!    its whole instruction, only if that quadword still holds what was verified; the old and the
+//!    new instruction are each correct to execute at every moment.
+//! 2. A page goes from its original protection to that plus write and back; execute is never
+//!    dropped (a thread running there would fault) and no writable-executable page is left.
+//! 3. After every batch of writes, before anyone relies on them, every core running this process
+//!    is serialised with `membarrier(PRIVATE_EXPEDITED_SYNC_CORE)` (Intel SDM vol. 3 §8.1.3).
+
+use core::ffi::{c_int, c_void};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Instant;
+
+use crate::diagnostics::Stats;
+
+// <linux/membarrier.h>
+const MEMBARRIER_CMD_QUERY: c_int = 0;
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: c_int = 1 << 5;
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: c_int = 1 << 6;
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+fn membarrier(cmd: c_int) -> Result<i64, i32> {
+    // SAFETY: membarrier takes (cmd, flags, cpu_id) by value and touches no user memory.
+    let r = unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0 as c_int, 0 as c_int) };
+    if r < 0 { Err(errno()) } else { Ok(r) }
+}
+
+/// Registers this process for core-serialising membarriers. Needed once; survives `fork`.
+pub(crate) fn register_core_sync() -> Result<(), i32> {
+    let supported = membarrier(MEMBARRIER_CMD_QUERY)?;
+    let needed = (MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE
+        | MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE) as i64;
+    if supported & needed != needed {
+        return Err(libc::EINVAL);
+    }
+    membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE).map(drop)
+}
+
+/// Serialises every core that runs a thread of this process: after it returns, no thread can
+/// execute an instruction fetched before our last write.
+fn sync_cores() -> Result<(), i32> {
+    STATS.core_syncs.fetch_add(1, Ordering::Relaxed);
+    membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE).map(drop)
+}
+
+/// Sleeps while `word` holds `expected` (or until woken; spurious wake-ups happen).
+pub(crate) fn futex_wait(word: &AtomicU32, expected: u32) {
+    // SAFETY: `word` is a valid, aligned u32 for the duration of the call; no timeout.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            expected,
+            core::ptr::null::<libc::timespec>(),
+        );
+    }
+}
+
+/// Wakes up to `n` threads sleeping on `word`. Async-signal-safe.
+pub(crate) fn futex_wake(word: &AtomicU32, n: i32) {
+    // SAFETY: `word` is a valid, aligned u32; FUTEX_WAKE does not dereference anything else.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            n,
+        );
+    }
+}
+
+pub(crate) fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 { n as usize } else { 4096 }
+}
+
+/// A page-aligned range of one executable segment, with the protection the loader gave it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Segment {
+    pub start: usize,
+    pub end: usize,
+    pub prot: c_int,
+}
+
+impl Segment {
+    pub fn contains(&self, start: usize, end: usize) -> bool {
+        self.start <= start && end <= self.end
+    }
+}
+
+/// The loaded object (executable or shared library) that holds this copy of the library.
+#[derive(Debug)]
+pub(crate) struct Object {
+    /// Its executable PT_LOAD segments, trimmed to pages no other segment shares.
+    pub exec: Vec<Segment>,
+    /// All its PT_LOAD segments, as byte ranges: where its keys can be.
+    pub loaded: Vec<(usize, usize)>,
+    /// True for the main program (first in `dl_iterate_phdr` order).
+    pub is_main: bool,
+}
+
+impl Object {
+    pub fn exec_segment(&self, start: usize, end: usize) -> Option<&Segment> {
+        self.exec.iter().find(|s| s.contains(start, end))
+    }
+
+    pub fn holds_data(&self, addr: usize, len: usize) -> bool {
+        self.loaded
+            .iter()
+            .any(|&(s, e)| s <= addr && addr + len <= e)
+    }
+}
+
+/// Finds the object whose executable segment contains `addr`.
+pub(crate) fn find_object(addr: usize, page: usize) -> Option<Object> {
+    struct Search {
+        addr: usize,
+        page: usize,
+        index: usize,
+        found: Option<Object>,
+    }
+
+    unsafe extern "C" fn visit(
+        info: *mut libc::dl_phdr_info,
+        _: usize,
+        data: *mut c_void,
+    ) -> c_int {
+        // SAFETY: `data` is the `Search` passed below, `info` is valid during the callback.
+        let (search, info) = unsafe { (&mut *(data as *mut Search), &*info) };
+        let index = search.index;
+        search.index += 1;
+        if info.dlpi_phdr.is_null() {
+            return 0;
+        }
+        // SAFETY: the loader guarantees dlpi_phnum headers at dlpi_phdr.
+        let phdrs =
+            unsafe { core::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) };
+        let base = info.dlpi_addr as usize;
+        let loads: Vec<_> = phdrs.iter().filter(|p| p.p_type == libc::PT_LOAD).collect();
+        let holds = loads.iter().any(|p| {
+            let start = base + p.p_vaddr as usize;
+            p.p_flags & libc::PF_X != 0
+                && start <= search.addr
+                && search.addr < start + p.p_memsz as usize
+        });
+        if !holds {
+            return 0;
+        }
+        let page = search.page;
+        let down = |a: usize| a & !(page - 1);
+        let up = |a: usize| (a + page - 1) & !(page - 1);
+        let ranges: Vec<(usize, usize, u32)> = loads
+            .iter()
+            .map(|p| {
+                let start = base + p.p_vaddr as usize;
+                (start, start + p.p_memsz as usize, p.p_flags)
+            })
+            .collect();
+        let mut exec = Vec::new();
+        for &(start, end, flags) in ranges.iter().filter(|r| r.2 & libc::PF_X != 0) {
+            let mut seg = Segment {
+                start: down(start),
+                end: up(end),
+                prot: prot_of(flags),
+            };
+            // A page shared with another segment has someone else's protection: leave it out.
+            for &(os, oe, of) in &ranges {
+                if (os, oe, of) == (start, end, flags) {
+                    continue;
+                }
+                if down(os) < seg.start + page && up(oe) > seg.start {
+                    seg.start += page;
+                }
+                if down(os) < seg.end && up(oe) > seg.end - page {
+                    seg.end -= page;
+                }
+            }
+            if seg.start < seg.end {
+                exec.push(seg);
+            }
+        }
+        let loaded = ranges.iter().map(|&(s, e, _)| (s, e)).collect();
+        search.found = Some(Object {
+            exec,
+            loaded,
+            is_main: index == 0,
+        });
+        1
+    }
+
+    let mut search = Search {
+        addr,
+        page,
+        index: 0,
+        found: None,
+    };
+    // SAFETY: `visit` matches the callback type and only uses `search` during this call.
+    unsafe { libc::dl_iterate_phdr(Some(visit), &mut search as *mut Search as *mut c_void) };
+    search.found
+}
+
+fn prot_of(flags: u32) -> c_int {
+    let mut prot = 0;
+    if flags & libc::PF_R != 0 {
+        prot |= libc::PROT_READ;
+    }
+    if flags & libc::PF_W != 0 {
+        prot |= libc::PROT_WRITE;
+    }
+    if flags & libc::PF_X != 0 {
+        prot |= libc::PROT_EXEC;
+    }
+    prot
+}
+
+/// Keeps the shared library holding `addr` loaded for good. Its code runs on the worker
+/// thread, so unloading it would pull the code from under a running thread. Returns false if
+/// the library could not be pinned.
+pub(crate) fn pin_object_of(addr: usize) -> bool {
+    // SAFETY: dladdr only reads loader state; `info` is plain data.
+    let mut info: libc::Dl_info = unsafe { core::mem::zeroed() };
+    if unsafe { libc::dladdr(addr as *const c_void, &mut info) } == 0 || info.dli_fname.is_null() {
+        return false;
+    }
+    // SAFETY: dli_fname is a NUL-terminated path owned by the loader. RTLD_NOLOAD never loads
+    // anything new; RTLD_NODELETE marks the already-loaded object as never to be unloaded. The
+    // handle is deliberately never closed.
+    let handle = unsafe {
+        libc::dlopen(
+            info.dli_fname,
+            libc::RTLD_LAZY | libc::RTLD_NOLOAD | libc::RTLD_NODELETE,
+        )
+    };
+    !handle.is_null()
+}
+
+/// Reads `buf.len()` bytes of code at `addr`.
+///
+/// # Safety
+/// The range must be mapped and readable (inside one of our object's executable segments).
+pub(crate) unsafe fn read_code(addr: usize, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        // SAFETY: in range by the caller's promise. Volatile: the bytes are code that may be
+        // rewritten outside Rust's model (by another patcher or a debugger).
+        *b = unsafe { core::ptr::read_volatile((addr + i) as *const u8) };
+    }
+}
+
+/// Reads the aligned quadword at `addr`.
+///
+/// # Safety
+/// `addr` must be 8-aligned and inside one of our object's executable segments.
+pub(crate) unsafe fn read_word(addr: usize) -> u64 {
+    // SAFETY: aligned and mapped by the caller's promise; an atomic load so that it pairs with
+    // the compare-exchange writers.
+    unsafe { AtomicU64::from_ptr(addr as *mut u64) }.load(Ordering::Relaxed)
+}
+
+/// One site to rewrite: the aligned quadword at `addr`, from `old` to `new`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Write {
+    pub addr: usize,
+    pub old: u64,
+    pub new: u64,
+    /// Set by `write_batch`: the quadword held `old` and now holds `new`.
+    pub done: bool,
+}
+
+/// Why a batch failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WriteError {
+    /// A page could not be made writable (errno). Nothing was written.
+    Protect(i32),
+    /// The writes were made but the cores could not be serialised (errno).
+    Sync(i32),
+}
+
+/// Counters for `stats()`. Relaxed: they order nothing.
+pub(crate) struct Counters {
+    pub batches: AtomicU64,
+    pub writes: AtomicU64,
+    pub mprotects: AtomicU64,
+    pub core_syncs: AtomicU64,
+    pub rwx_nanos: AtomicU64,
+    pub max_rwx_nanos: AtomicU64,
+}
+
+pub(crate) static STATS: Counters = Counters {
+    batches: AtomicU64::new(0),
+    writes: AtomicU64::new(0),
+    mprotects: AtomicU64::new(0),
+    core_syncs: AtomicU64::new(0),
+    rwx_nanos: AtomicU64::new(0),
+    max_rwx_nanos: AtomicU64::new(0),
+};
+
+pub(crate) fn stats() -> Stats {
+    let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    Stats {
+        batches: r(&STATS.batches),
+        writes: r(&STATS.writes),
+        mprotects: r(&STATS.mprotects),
+        core_syncs: r(&STATS.core_syncs),
+        rwx_nanos: r(&STATS.rwx_nanos),
+        max_rwx_nanos: r(&STATS.max_rwx_nanos),
+    }
+}
+
+/// A run of contiguous pages opened for writing together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Window {
+    start: usize,
+    len: usize,
+    prot: c_int,
+}
+
+/// Contiguous pages share one `mprotect` range, up to this many pages: fewer system calls, at
+/// the price of more pages writable at once (see docs/design.md).
+const MAX_WINDOW_PAGES: usize = 16;
+
+/// The page windows covering `writes` (sorted by address), each inside one segment.
+fn windows(writes: &[Write], exec: &[Segment], page: usize) -> Vec<Window> {
+    let mut out: Vec<Window> = Vec::new();
+    for w in writes {
+        let p = w.addr & !(page - 1);
+        let seg = exec
+            .iter()
+            .find(|s| s.contains(p, p + page))
+            .expect("verified site outside segment");
+        match out.last_mut() {
+            Some(last) if last.start + last.len > p => {}
+            Some(last)
+                if last.start + last.len == p
+                    && last.prot == seg.prot
+                    && last.len / page < MAX_WINDOW_PAGES
+                    && seg.contains(last.start, p + page) =>
+            {
+                last.len += page
+            }
+            _ => out.push(Window {
+                start: p,
+                len: page,
+                prot: seg.prot,
+            }),
+        }
+    }
+    out
+}
+
+fn protect(start: usize, len: usize, prot: c_int) -> Result<(), i32> {
+    STATS.mprotects.fetch_add(1, Ordering::Relaxed);
+    // SAFETY: the range is page-aligned and inside one of our object's executable segments;
+    // the protection always includes PROT_EXEC, so code running there keeps running.
+    let r = unsafe { libc::mprotect(start as *mut c_void, len, prot) };
+    if r == 0 { Ok(()) } else { Err(errno()) }
+}
+
+/// Writes a batch: opens the pages, compare-exchanges each site, restores the pages, then
+/// serialises all cores once. `exec` are the segments the sites were verified to lie in.
+///
+/// All or nothing with respect to protections: if any page cannot be opened, the ones already
+/// opened are restored and nothing is written. A site whose quadword no longer holds `old` is
+/// left alone (`done` stays false).
+pub(crate) fn write_batch(
+    writes: &mut [Write],
+    exec: &[Segment],
+    page: usize,
+) -> Result<(), WriteError> {
+    if writes.is_empty() {
+        return Ok(());
+    }
+    writes.sort_unstable_by_key(|w| w.addr);
+    let windows = windows(writes, exec, page);
+    let opened_at = Instant::now();
+    for (i, w) in windows.iter().enumerate() {
+        if w.prot & libc::PROT_WRITE != 0 {
+            continue;
+        }
+        if let Err(e) = protect(w.start, w.len, w.prot | libc::PROT_WRITE) {
+            restore(&windows[..i]);
+            return Err(WriteError::Protect(e));
+        }
+    }
+    let mut written = 0;
+    for w in writes.iter_mut() {
+        // SAFETY: `addr` is an 8-aligned site quadword inside a page opened above; the
+        // compare-exchange is atomic, so a thread fetching these bytes sees either the old or
+        // the new instruction, each complete.
+        let word = unsafe { AtomicU64::from_ptr(w.addr as *mut u64) };
+        w.done = word
+            .compare_exchange(w.old, w.new, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        written += w.done as u64;
+    }
+    restore(&windows);
+    let rwx = opened_at.elapsed().as_nanos() as u64;
+    STATS.rwx_nanos.fetch_add(rwx, Ordering::Relaxed);
+    STATS.max_rwx_nanos.fetch_max(rwx, Ordering::Relaxed);
+    STATS.batches.fetch_add(1, Ordering::Relaxed);
+    STATS.writes.fetch_add(written, Ordering::Relaxed);
+    if written == 0 {
+        return Ok(());
+    }
+    sync_cores().map_err(WriteError::Sync)
+}
+
+fn restore(windows: &[Window]) {
+    for w in windows.iter().filter(|w| w.prot & libc::PROT_WRITE == 0) {
+        // Dropping write access is always allowed (MDWE only forbids gaining exec); retry once
+        // in case of a transient ENOMEM while the kernel splits or merges mappings.
+        if protect(w.start, w.len, w.prot).is_err() {
+            let _ = protect(w.start, w.len, w.prot);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(addr: usize) -> Write {
+        Write {
+            addr,
+            old: 0,
+            new: 0,
+            done: false,
+        }
+    }
+
+    #[test]
+    fn windows_merge_contiguous_pages_within_a_segment() {
+        let page = 4096;
+        let exec = [Segment {
+            start: 0x10000,
+            end: 0x40000,
+            prot: 5,
+        }];
+        let ws = [
+            write(0x10008),
+            write(0x10ff8),
+            write(0x11000),
+            write(0x13000),
+        ];
+        assert_eq!(
+            windows(&ws, &exec, page),
+            vec![
+                Window {
+                    start: 0x10000,
+                    len: 0x2000,
+                    prot: 5
+                },
+                Window {
+                    start: 0x13000,
+                    len: 0x1000,
+                    prot: 5
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn windows_are_capped() {
+        let page = 4096;
+        let exec = [Segment {
+            start: 0,
+            end: 0x100000,
+            prot: 5,
+        }];
+        let ws: Vec<_> = (0..40).map(|i| write(i * page)).collect();
+        let w = windows(&ws, &exec, page);
+        assert_eq!(w.len(), 3);
+        assert!(w.iter().all(|w| w.len <= MAX_WINDOW_PAGES * page));
+    }
+
+    #[test]
+    fn own_object_is_found_with_an_executable_segment() {
+        let page = page_size();
+        let here = own_object_is_found_with_an_executable_segment as usize;
+        let obj = find_object(here, page).expect("test binary");
+        assert!(obj.is_main);
+        assert!(obj.exec_segment(here, here + 1).is_some());
+        assert!(
+            obj.exec
+                .iter()
+                .all(|s| s.prot & libc::PROT_EXEC != 0 && s.prot & libc::PROT_WRITE == 0)
+        );
+        static DATA: u8 = 0;
+        assert!(obj.holds_data(&DATA as *const u8 as usize, 1));
+    }
+}

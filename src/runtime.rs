@@ -1,0 +1,146 @@
+//! Process-wide state and its one-time initialisation.
+//!
+//! Initialisation is everything that allocates or asks the OS: the registry and the patch
+//! queue, finding (and pinning) our own object, registering for core-serialising membarriers,
+//! the fork handlers and the worker thread. It runs once, at the first registration of a site
+//! or at an explicit [`init`](crate::init). After it, the trampoline's slow path takes no lock
+//! and allocates nothing. A program whose first static call may run inside a signal handler
+//! must call `init()` first.
+
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
+
+use once_cell::race::OnceBox;
+
+use crate::diagnostics::Disabled;
+use crate::os::linux::{self, Object};
+use crate::registry::{DEFAULT_CAPACITY, Registry};
+use crate::{trampoline, worker};
+
+/// Environment variable that switches patching off (any value but empty or `0`).
+pub(crate) const ENV_DISABLE: &str = "STATIC_CALL_DISABLE";
+/// Environment variable that sets the registry's capacity (number of sites).
+pub(crate) const ENV_MAX_SITES: &str = "STATIC_CALL_MAX_SITES";
+
+/// The parts of the runtime that never change once built.
+pub(crate) struct Runtime {
+    pub registry: Registry,
+    /// Our own object, if it was found (patching is off otherwise).
+    pub object: Option<Object>,
+    pub page: usize,
+    pub trampoline: usize,
+}
+
+static RUNTIME: OnceBox<Runtime> = OnceBox::new();
+
+const UNINIT: u8 = 0;
+const BUSY: u8 = 1;
+const DONE: u8 = 2;
+/// Guards initialisation so that it runs once without a lock: the thread that moves it from
+/// UNINIT to BUSY initialises; the others carry on without registering (their sites register on
+/// a later call).
+static INIT: AtomicU8 = AtomicU8::new(UNINIT);
+
+/// 0 while patching is on; otherwise a `Disabled` code. Relaxed: it only ever moves from "on" to
+/// a reason, and a reader that sees it late merely queues a site that the patcher then settles
+/// as disabled.
+static MODE: AtomicU32 = AtomicU32::new(0);
+
+/// Set once a site could not be registered because the registry was full.
+pub(crate) static REGISTRY_FULL: AtomicBool = AtomicBool::new(false);
+
+/// The runtime, if initialised. Lock-free and async-signal-safe.
+#[inline]
+pub(crate) fn get() -> Option<&'static Runtime> {
+    RUNTIME.get()
+}
+
+/// The runtime, initialising it if nobody has. `None` while another thread (or an interrupted
+/// frame of this one) is initialising.
+pub(crate) fn get_or_init() -> Option<&'static Runtime> {
+    if let Some(rt) = RUNTIME.get() {
+        return Some(rt);
+    }
+    if INIT
+        .compare_exchange(UNINIT, BUSY, Ordering::Acquire, Ordering::Acquire)
+        .is_ok()
+    {
+        let rt = build();
+        // `set` publishes with Release: whoever gets the runtime sees it complete.
+        let _ = RUNTIME.set(Box::new(rt));
+        worker::install_fork_handlers();
+        INIT.store(DONE, Ordering::Release);
+    }
+    RUNTIME.get()
+}
+
+/// Waits for initialisation by another thread to finish, for `init()`.
+pub(crate) fn wait_initialised() -> &'static Runtime {
+    loop {
+        if let Some(rt) = get_or_init() {
+            return rt;
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// Whether patching is on.
+#[inline]
+pub(crate) fn mode() -> Result<(), Disabled> {
+    match MODE.load(Ordering::Relaxed) {
+        0 => Ok(()),
+        code => Err(Disabled::from_code(code as u16).unwrap_or(Disabled::Unsupported)),
+    }
+}
+
+/// Switches patching off for good, keeping the first reason given.
+pub(crate) fn disable(why: Disabled) {
+    let _ = MODE.compare_exchange(
+        0,
+        why.to_code() as u32,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+}
+
+fn env_flag(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+fn build() -> Runtime {
+    let page = linux::page_size();
+    let trampoline = trampoline::address();
+    let capacity = std::env::var(ENV_MAX_SITES)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(DEFAULT_CAPACITY);
+    let object = linux::find_object(trampoline, page);
+    if env_flag(ENV_DISABLE) {
+        disable(Disabled::EnvVar);
+    }
+    match &object {
+        None => disable(Disabled::ObjectNotFound),
+        Some(obj) if !obj.is_main && !linux::pin_object_of(trampoline) => {
+            disable(Disabled::ObjectNotFound)
+        }
+        Some(_) => {}
+    }
+    if mode().is_ok() {
+        if let Err(errno) = linux::register_core_sync() {
+            disable(Disabled::NoCoreSync { errno });
+        }
+    }
+    Runtime {
+        registry: Registry::new(capacity),
+        object,
+        page,
+        trampoline,
+    }
+}
+
+/// In a forked child: forget an initialisation that another parent thread had under way (it
+/// does not exist in the child). Nothing of it was published.
+pub(crate) fn reset_in_child() {
+    if RUNTIME.get().is_none() {
+        INIT.store(UNINIT, Ordering::Relaxed);
+    }
+}

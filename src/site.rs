@@ -1,0 +1,388 @@
+//! The call site: how `static_call!(KEY)(args)` turns into one inline-asm block.
+//!
+//! A site is written once per *key* (or once per `static_call!(OPS.field)` expansion), not once
+//! per signature, so its asm block has a fixed interface: a register file [`Regs`] holding the six
+//! System V integer argument registers and xmm0–7, and a result [`Ret`] of rax and xmm0. Unused
+//! registers are left uninitialised, which LLVM lowers to "whatever is there": no instruction is
+//! spent on them. The traits below put each argument in its register and take the result out;
+//! after inlining, all of that folds away and the site is
+//!
+//! ```text
+//! lea   r11, [rip + KEY (+ field offset)]   ; 7 bytes: the key binding the patcher proves
+//! <0..=7 bytes of NOP padding>              ; .p2align 3, chosen by the assembler
+//! call  <trampoline>                        ; E8 rel32 at an address ≡ 0 (mod 8)
+//! ```
+//!
+//! Each site gets its own copy of the asm because the shim that contains it is generic over a
+//! type declared fresh at every `static_call!` expansion (see `macros.rs`).
+
+use core::mem::MaybeUninit;
+
+#[cfg(target_arch = "x86_64")]
+#[doc(hidden)]
+pub type Xmm = core::arch::x86_64::__m128;
+#[cfg(not(target_arch = "x86_64"))]
+#[doc(hidden)]
+pub type Xmm = [u64; 2];
+
+/// Number of integer argument registers (rdi, rsi, rdx, rcx, r8, r9).
+pub const INT_REGS: usize = 6;
+/// Number of vector argument registers (xmm0–xmm7).
+pub const FLOAT_REGS: usize = 8;
+
+/// The argument registers of a call, as the site's asm block takes them.
+#[doc(hidden)]
+pub struct Regs {
+    pub gp: [MaybeUninit<u64>; INT_REGS],
+    pub xmm: [MaybeUninit<Xmm>; FLOAT_REGS],
+}
+
+impl Regs {
+    pub const UNINIT: Regs = Regs {
+        gp: [MaybeUninit::uninit(); INT_REGS],
+        xmm: [MaybeUninit::uninit(); FLOAT_REGS],
+    };
+}
+
+/// The result registers of a call.
+#[doc(hidden)]
+pub struct Ret {
+    pub rax: MaybeUninit<u64>,
+    pub xmm0: MaybeUninit<Xmm>,
+}
+
+/// Where the next argument of each class goes.
+#[doc(hidden)]
+#[derive(Default)]
+pub struct Cursor {
+    gp: usize,
+    xmm: usize,
+}
+
+/// The register class an argument or result travels in.
+#[doc(hidden)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Class {
+    /// Nothing (the `()` result).
+    Void,
+    /// One general-purpose register.
+    Int,
+    /// One xmm register.
+    Float,
+}
+
+/// One inlined call-site asm block. Implemented by the types that `define_static_call!` and
+/// `static_call!` declare; each implementation's `invoke` contains exactly one site.
+///
+/// # Safety
+/// `invoke` must call the target of the key it binds, with the registers in `regs` as its
+/// arguments, under the System V ABI.
+#[doc(hidden)]
+pub unsafe trait Site {
+    /// # Safety
+    /// `regs` must hold valid arguments for the key's signature in their System V registers.
+    unsafe fn invoke(regs: Regs) -> Ret;
+}
+
+/// A type that can be an argument of a static call: it travels in one System V register.
+///
+/// # Safety
+/// `CLASS` must be the System V class of `Self` and `place` must put the value where an
+/// `extern "C"` callee expects it.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be an argument of a static call",
+    label = "not passed in a single System V register",
+    note = "static-call arguments are integers up to 64 bits, bool, char, raw pointers, references to sized types, NonNull, Option<&T>, Option<NonNull<T>>, function pointers, f32 and f64",
+    note = "structs by value, u128/i128 and slices are not supported: pass a pointer or reference instead"
+)]
+pub unsafe trait Arg: Sized {
+    #[doc(hidden)]
+    const CLASS: Class;
+    #[doc(hidden)]
+    fn __place(self, regs: &mut Regs, cursor: &mut Cursor);
+}
+
+/// A type that can be the result of a static call.
+///
+/// # Safety
+/// `CLASS` must be the System V class of `Self`, and `__from_ret` must read the value from where
+/// an `extern "C"` callee leaves it.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be the result of a static call",
+    label = "not returned in a single System V register",
+    note = "static calls return (), integers up to 64 bits, bool, char, raw pointers, references to sized types, NonNull, Option<&T>, Option<NonNull<T>>, function pointers, f32 or f64"
+)]
+pub unsafe trait RetVal: Sized {
+    #[doc(hidden)]
+    const CLASS: Class;
+    /// # Safety
+    /// `ret` must come from a call to a function whose result type is `Self`.
+    #[doc(hidden)]
+    unsafe fn __from_ret(ret: Ret) -> Self;
+}
+
+/// Stores `v` in the low bytes of a register image; the bytes above are left undefined, which
+/// is what System V allows for 32- and 64-bit values and what costs no instruction.
+#[inline(always)]
+fn low_bytes<T, R>(v: T) -> MaybeUninit<R> {
+    const {
+        assert!(size_of::<T>() <= size_of::<R>() && align_of::<T>() <= align_of::<R>());
+    }
+    let mut r = MaybeUninit::<R>::uninit();
+    // SAFETY: the const assertion above makes the write fit inside `r`, and suitably aligned.
+    unsafe { r.as_mut_ptr().cast::<T>().write(v) };
+    r
+}
+
+/// Reads a `T` from the low bytes of a register image.
+///
+/// # Safety
+/// The low `size_of::<T>()` bytes must hold a valid `T`.
+#[inline(always)]
+unsafe fn read_low<T, R>(r: MaybeUninit<R>) -> T {
+    const {
+        assert!(size_of::<T>() <= size_of::<R>() && align_of::<T>() <= align_of::<R>());
+    }
+    // SAFETY: in bounds and aligned by the assertion; validity is the caller's promise.
+    unsafe { r.as_ptr().cast::<T>().read() }
+}
+
+#[inline(always)]
+fn put_gp(regs: &mut Regs, cursor: &mut Cursor, v: MaybeUninit<u64>) {
+    regs.gp[cursor.gp] = v;
+    cursor.gp += 1;
+}
+
+#[inline(always)]
+fn put_xmm(regs: &mut Regs, cursor: &mut Cursor, v: MaybeUninit<Xmm>) {
+    regs.xmm[cursor.xmm] = v;
+    cursor.xmm += 1;
+}
+
+/// Integer-class types whose upper register bytes may be anything (32 and 64 bits wide).
+macro_rules! int_class_wide {
+    ($($(#[$m:meta])* [$($g:tt)*] $t:ty),* $(,)?) => {$(
+        $(#[$m])*
+        // SAFETY: INTEGER class, passed in the next general-purpose register; System V leaves
+        // the bits above a 32-bit value undefined, so writing only the low bytes is enough.
+        unsafe impl<$($g)*> Arg for $t {
+            const CLASS: Class = Class::Int;
+            #[inline(always)]
+            fn __place(self, regs: &mut Regs, cursor: &mut Cursor) {
+                put_gp(regs, cursor, low_bytes(self));
+            }
+        }
+        // SAFETY: INTEGER class results come back in rax; the callee's type guarantees that the
+        // low bytes hold a valid value.
+        unsafe impl<$($g)*> RetVal for $t {
+            const CLASS: Class = Class::Int;
+            #[inline(always)]
+            unsafe fn __from_ret(ret: Ret) -> Self {
+                // SAFETY: see the impl comment.
+                unsafe { read_low(ret.rax) }
+            }
+        }
+    )*};
+}
+
+/// Integer-class types narrower than 32 bits: callers extend them to 32 bits (zero for unsigned
+/// and bool, sign for signed), which LLVM-compiled callees rely on.
+macro_rules! int_class_narrow {
+    ($($t:ty => $ext:ty),* $(,)?) => {$(
+        // SAFETY: INTEGER class, extended to 32 bits as clang and rustc callees expect.
+        unsafe impl Arg for $t {
+            const CLASS: Class = Class::Int;
+            #[inline(always)]
+            fn __place(self, regs: &mut Regs, cursor: &mut Cursor) {
+                put_gp(regs, cursor, low_bytes(self as $ext));
+            }
+        }
+        // SAFETY: the value is in the low bytes of rax.
+        unsafe impl RetVal for $t {
+            const CLASS: Class = Class::Int;
+            #[inline(always)]
+            unsafe fn __from_ret(ret: Ret) -> Self {
+                // SAFETY: see the impl comment; every bit pattern is a valid integer.
+                unsafe { read_low(ret.rax) }
+            }
+        }
+    )*};
+}
+
+int_class_narrow!(u8 => u32, u16 => u32, i8 => i32, i16 => i32);
+
+// SAFETY: bool is INTEGER class; System V requires bit 0 to hold the value and bits 1–7 to be
+// zero, and callers zero-extend to 32 bits. Returned bools are valid by the callee's type.
+unsafe impl Arg for bool {
+    const CLASS: Class = Class::Int;
+    #[inline(always)]
+    fn __place(self, regs: &mut Regs, cursor: &mut Cursor) {
+        put_gp(regs, cursor, low_bytes(self as u32));
+    }
+}
+// SAFETY: see the Arg impl.
+unsafe impl RetVal for bool {
+    const CLASS: Class = Class::Int;
+    #[inline(always)]
+    unsafe fn __from_ret(ret: Ret) -> Self {
+        // SAFETY: an `extern "C"` function returning bool leaves 0 or 1 in al.
+        unsafe { read_low(ret.rax) }
+    }
+}
+
+int_class_wide!(
+    [] u32, [] i32, [] u64, [] i64, [] usize, [] isize, [] char,
+    [T] *const T, [T] *mut T,
+    ['a, T] &'a T, ['a, T] &'a mut T,
+    [T] core::ptr::NonNull<T>,
+    ['a, T] Option<&'a T>, ['a, T] Option<&'a mut T>,
+    [T] Option<core::ptr::NonNull<T>>,
+);
+
+/// Function pointers are pointers: INTEGER class.
+macro_rules! int_class_fn_ptrs {
+    ($($A:ident)*) => {
+        int_class_wide!(
+            [R, $($A),*] extern "C" fn($($A),*) -> R,
+            [R, $($A),*] unsafe extern "C" fn($($A),*) -> R,
+            [R, $($A),*] fn($($A),*) -> R,
+            [R, $($A),*] unsafe fn($($A),*) -> R,
+            [R, $($A),*] Option<extern "C" fn($($A),*) -> R>,
+            [R, $($A),*] Option<unsafe extern "C" fn($($A),*) -> R>,
+            [R, $($A),*] Option<fn($($A),*) -> R>,
+            [R, $($A),*] Option<unsafe fn($($A),*) -> R>,
+        );
+    };
+}
+int_class_fn_ptrs!();
+int_class_fn_ptrs!(A0);
+int_class_fn_ptrs!(A0 A1);
+int_class_fn_ptrs!(A0 A1 A2);
+int_class_fn_ptrs!(A0 A1 A2 A3);
+int_class_fn_ptrs!(A0 A1 A2 A3 A4);
+int_class_fn_ptrs!(A0 A1 A2 A3 A4 A5);
+
+macro_rules! float_class {
+    ($($t:ty),*) => {$(
+        // SAFETY: SSE class, passed in the low lane of the next xmm register; the upper lanes
+        // are undefined under System V.
+        unsafe impl Arg for $t {
+            const CLASS: Class = Class::Float;
+            #[inline(always)]
+            fn __place(self, regs: &mut Regs, cursor: &mut Cursor) {
+                put_xmm(regs, cursor, low_bytes(self));
+            }
+        }
+        // SAFETY: SSE class results come back in the low lane of xmm0.
+        unsafe impl RetVal for $t {
+            const CLASS: Class = Class::Float;
+            #[inline(always)]
+            unsafe fn __from_ret(ret: Ret) -> Self {
+                // SAFETY: every bit pattern is a valid float.
+                unsafe { read_low(ret.xmm0) }
+            }
+        }
+    )*};
+}
+float_class!(f32, f64);
+
+// SAFETY: nothing is returned; the registers are ignored.
+unsafe impl RetVal for () {
+    const CLASS: Class = Class::Void;
+    #[inline(always)]
+    unsafe fn __from_ret(_: Ret) -> Self {}
+}
+
+/// Checks, at compile time, that a signature's arguments fit in registers. Called from a
+/// `const` item so that a bad signature fails where the key is defined.
+#[doc(hidden)]
+pub const fn check_signature(args: &[Class]) {
+    let mut ints = 0;
+    let mut floats = 0;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i] {
+            Class::Int => ints += 1,
+            Class::Float => floats += 1,
+            Class::Void => {}
+        }
+        i += 1;
+    }
+    if ints > INT_REGS {
+        panic!(
+            "static call signature not supported: more than 6 integer-class arguments (a 7th would go on the stack)"
+        );
+    }
+    if floats > FLOAT_REGS {
+        panic!(
+            "static call signature not supported: more than 8 f32/f64 arguments (a 9th would go on the stack)"
+        );
+    }
+}
+
+/// The body of every shim: place the arguments, run the site, read the result.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __shim_body {
+    ($site:ty, $ret:ty; $($a:ident),*) => {{
+        #[allow(unused_mut)]
+        let mut regs = $crate::__private::Regs::UNINIT;
+        #[allow(unused_mut, unused_variables)]
+        let mut cursor = $crate::__private::Cursor::default();
+        $( $crate::__private::Arg::__place($a, &mut regs, &mut cursor); )*
+        // SAFETY: the arguments were placed by their `Arg` impls, which follow System V, and the
+        // key's type (checked by the compiler against these argument types) is the target's.
+        let ret = unsafe { <$site as $crate::__private::Site>::invoke(regs) };
+        // SAFETY: `ret` comes from a call to a function whose result type is `$ret`.
+        unsafe { <$ret as $crate::__private::RetVal>::__from_ret(ret) }
+    }};
+}
+
+/// The call-site asm block. `$base` is a static and `$off` the constant offset of the key inside
+/// it (0 for a key that is the static itself).
+#[cfg(static_call_patching)]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __site_asm {
+    ($base:path, $off:expr, $regs:expr) => {{
+        let regs: $crate::__private::Regs = $regs;
+        let rax;
+        let xmm0;
+        // SAFETY: the block loads the key's address into r11 and calls the trampoline, which
+        // preserves every argument register and tail-calls the key's current target; after
+        // patching the call goes to that target directly. Either way the callee is an
+        // `extern "C"` function of the key's signature, and `clobber_abi("C")` tells the compiler
+        // everything such a call may clobber. The stack is aligned for a call because the block
+        // does not claim `nostack`.
+        unsafe {
+            ::core::arch::asm!(
+                "lea r11, [rip + {key} + {off}]",
+                ".p2align 3",
+                "call {trampoline}",
+                key = sym $base,
+                off = const $off,
+                trampoline = sym $crate::__private::trampoline,
+                in("rdi") regs.gp[0], in("rsi") regs.gp[1], in("rdx") regs.gp[2],
+                in("rcx") regs.gp[3], in("r8") regs.gp[4], in("r9") regs.gp[5],
+                in("xmm0") regs.xmm[0], in("xmm1") regs.xmm[1], in("xmm2") regs.xmm[2],
+                in("xmm3") regs.xmm[3], in("xmm4") regs.xmm[4], in("xmm5") regs.xmm[5],
+                in("xmm6") regs.xmm[6], in("xmm7") regs.xmm[7],
+                lateout("rax") rax, lateout("xmm0") xmm0,
+                clobber_abi("C"),
+            );
+        }
+        $crate::__private::Ret { rax, xmm0 }
+    }};
+}
+
+/// Without patching there is no asm site: calls load the key's target instead (see
+/// `fallback.rs`), so `invoke` is never reached.
+#[cfg(not(static_call_patching))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __site_asm {
+    ($base:path, $off:expr, $regs:expr) => {{
+        let _ = $regs;
+        ::core::unreachable!("static_call: call sites are not compiled on this platform")
+    }};
+}

@@ -1,0 +1,119 @@
+//! The trampoline (`asm/trampoline_x86_64.S`) and its slow path.
+//!
+//! Every unpatched site calls the trampoline with its key in r11. The slow path registers the
+//! site and returns the key's current target, which the trampoline tail-jumps to. The slow path
+//! runs in whatever context the caller is in, a signal handler included, so once the library is
+//! initialised it takes no lock, allocates nothing and never waits: one probe of the registry,
+//! at most one compare-exchange, one queue push and one futex wake.
+
+use core::sync::atomic::Ordering;
+
+use crate::diagnostics::Reason;
+use crate::key::RawKey;
+use crate::patcher::Info;
+use crate::registry::{Lookup, QUEUED, RETRY, SETTLED, Slot};
+use crate::{runtime, worker};
+
+unsafe extern "C" {
+    /// The trampoline. Its symbol carries the crate version so that two copies of this crate
+    /// (two semver-incompatible versions) link side by side; it is `.hidden`, so calls to it
+    /// never go through a PLT.
+    ///
+    /// Not callable from Rust: it expects the key's address in r11 and forwards every argument
+    /// register to the key's target.
+    #[link_name = concat!(
+        "static_call_trampoline_v",
+        env!("CARGO_PKG_VERSION_MAJOR"), "_",
+        env!("CARGO_PKG_VERSION_MINOR"), "_",
+        env!("CARGO_PKG_VERSION_PATCH")
+    )]
+    pub fn trampoline();
+}
+
+core::arch::global_asm!(
+    include_str!("../asm/trampoline_x86_64.S"),
+    tramp = sym trampoline,
+    slow = sym slow_path,
+);
+
+/// The trampoline's address.
+pub(crate) fn address() -> usize {
+    trampoline as *const () as usize
+}
+
+/// Length of the `call rel32` that enters the trampoline.
+const CALL_LEN: usize = 5;
+
+/// Called by the trampoline with the key from r11 and its own return address.
+///
+/// # Safety
+/// `key` must point to a live key (every site passes the address of a `static`).
+unsafe extern "C" fn slow_path(key: *const RawKey, ret: usize) -> *const () {
+    // SAFETY: by the trampoline's contract r11 held the address of a key, and keys are statics
+    // (or fields of statics), so the reference is valid for 'static.
+    let key: &'static RawKey = unsafe { &*key };
+    register(key, ret.wrapping_sub(CALL_LEN));
+    key.func()
+}
+
+/// Makes sure the site whose call instruction is at `site` is registered and, if it is new,
+/// queued for the patcher. Best effort: whatever happens, the caller then calls the key's
+/// current target through the trampoline, which is always correct.
+fn register(key: &'static RawKey, site: usize) {
+    let Some(rt) = runtime::get_or_init() else {
+        return;
+    };
+    match rt.registry.find_or_claim(site) {
+        // The common case for a site that keeps running through the trampoline (unpatchable, or
+        // still queued): loads only.
+        Lookup::Found(slot, index) => {
+            if slot.state.load(Ordering::Relaxed) == RETRY {
+                requeue(slot, index);
+            }
+        }
+        Lookup::Claimed(slot, index) => {
+            slot.key
+                .store(key as *const RawKey as *mut RawKey, Ordering::Relaxed);
+            match runtime::mode() {
+                Ok(()) => {
+                    // Release: the patcher, which reads `state` with Acquire, sees `key`.
+                    slot.state.store(QUEUED, Ordering::Release);
+                    enqueue(slot, index);
+                }
+                Err(why) => {
+                    slot.info.store(
+                        Info::blocked(Reason::Disabled(why)).pack(),
+                        Ordering::Relaxed,
+                    );
+                    slot.state.store(SETTLED, Ordering::Release);
+                }
+            }
+        }
+        Lookup::Full => {
+            if !runtime::REGISTRY_FULL.load(Ordering::Relaxed) {
+                runtime::REGISTRY_FULL.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Pushes a QUEUED slot; on a full queue, leaves it for a later call (RETRY).
+fn enqueue(slot: &Slot, index: u32) {
+    if worker::push(index) {
+        worker::notify();
+    } else {
+        slot.state.store(RETRY, Ordering::Release);
+        worker::note_retry();
+    }
+}
+
+/// A site whose first push found the queue full: whoever moves it back to QUEUED pushes it.
+fn requeue(slot: &Slot, index: u32) {
+    if slot
+        .state
+        .compare_exchange(RETRY, QUEUED, Ordering::Acquire, Ordering::Relaxed)
+        .is_ok()
+    {
+        enqueue(slot, index);
+    }
+}
