@@ -145,7 +145,7 @@ fn verify(rt: &Runtime, site: usize, key: &RawKey) -> Result<u64, Reason> {
         .object
         .as_ref()
         .ok_or(Reason::Disabled(Disabled::ObjectNotFound))?;
-    if site % WORD != 0 {
+    if !site.is_multiple_of(WORD) {
         return Err(Reason::NotASite);
     }
     let start = site.checked_sub(PROLOGUE).ok_or(Reason::NotASite)?;
@@ -189,7 +189,7 @@ fn link(rt: &Runtime, key: &RawKey, index: u32, _: &Locked) {
 
 /// Patches every queued site (and those waiting in RETRY). The worker's job; `flush` does it too.
 pub(crate) fn drain() {
-    if let Some(rt) = runtime::get() {
+    if let Some(rt) = runtime::wait_initialised() {
         let locked = lock();
         drain_locked(rt, &locked);
     }
@@ -438,6 +438,74 @@ fn roll_back(rt: &Runtime, key: &RawKey, old: *mut (), plan: &mut [Planned]) {
     }
 }
 
+/// Returns every patched site to `call trampoline` and keeps patching off from then on; see
+/// [`crate::unpatch_all`].
+pub(crate) fn unpatch_all() -> Result<(), Error> {
+    let locked = lock();
+    runtime::disable(Disabled::Unpatched);
+    let Some(rt) = runtime::get() else {
+        return Ok(());
+    };
+    // Queued sites settle as "patching off" now, without being written.
+    drain_locked(rt, &locked);
+    let why = Reason::Disabled(runtime::mode().err().unwrap_or(Disabled::Unpatched));
+    let mut plan = Vec::new();
+    for (index, slot) in rt.registry.claimed() {
+        if slot.state.load(Ordering::Acquire) != SETTLED {
+            continue;
+        }
+        let info = Info::load(slot);
+        let site = slot.site.load(Ordering::Relaxed);
+        let trampoline = trampoline_insn(rt, site);
+        if info.status != LIVE {
+            continue;
+        }
+        if info.insn == trampoline {
+            Info::live(trampoline, Some(why)).store(slot);
+            continue;
+        }
+        // SAFETY: LIVE sites were verified to lie in our executable segments; 8-aligned.
+        let word = unsafe { linux::read_word(site) };
+        if arch::insn_of(word) != info.insn {
+            return Err(Error {
+                site: Some(site),
+                kind: ErrorKind::ForeignBytes,
+            });
+        }
+        plan.push(Planned {
+            index,
+            write: Write {
+                addr: site,
+                old: word,
+                new: arch::with_insn(word, trampoline),
+                done: false,
+            },
+            required: true,
+            reason: Some(why),
+        });
+    }
+    match write(rt, &mut plan) {
+        Err(WriteError::Protect(errno)) => {
+            let site = plan.first().map(|p| p.write.addr);
+            Err(Error {
+                site,
+                kind: ErrorKind::WriteRefused { errno },
+            })
+        }
+        Err(WriteError::Sync(errno)) => Err(Error {
+            site: None,
+            kind: ErrorKind::CoreSyncFailed { errno },
+        }),
+        Ok(()) => match plan.iter().find(|p| !p.write.done) {
+            Some(p) => Err(Error {
+                site: Some(p.write.addr),
+                kind: ErrorKind::ForeignBytes,
+            }),
+            None => Ok(()),
+        },
+    }
+}
+
 /// Every site registered with `key`, for `StaticCall::sites`.
 pub(crate) fn sites(key: &RawKey) -> Vec<SiteInfo> {
     let _locked = lock();
@@ -478,7 +546,7 @@ pub(crate) fn flush() {
 
 /// See [`crate::init`].
 pub(crate) fn init() {
-    runtime::wait_initialised();
+    runtime::get_or_init();
     worker::ensure_started();
 }
 

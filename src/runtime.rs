@@ -4,10 +4,11 @@
 //! queue, finding (and pinning) our own object, registering for core-serialising membarriers,
 //! the fork handlers and the worker thread. It runs once, at the first registration of a site
 //! or at an explicit [`init`](crate::init). After it, the trampoline's slow path takes no lock
-//! and allocates nothing. A program whose first static call may run inside a signal handler
+//! and allocates nothing. Threads whose first call comes while another thread initialises wait
+//! for it (bounded), so that no site's first call goes unregistered. A program whose first static call may run inside a signal handler
 //! must call `init()` first.
 
-use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU32, Ordering};
 
 use once_cell::race::OnceBox;
 
@@ -39,6 +40,8 @@ const DONE: u8 = 2;
 /// UNINIT to BUSY initialises; the others carry on without registering (their sites register on
 /// a later call).
 static INIT: AtomicU8 = AtomicU8::new(UNINIT);
+/// The thread id of the initialising thread, to recognise re-entry.
+static INITIALISER: AtomicI32 = AtomicI32::new(0);
 
 /// 0 while patching is on; otherwise a `Disabled` code. Relaxed: it only ever moves from "on" to
 /// a reason, and a reader that sees it late merely queues a site that the patcher then settles
@@ -54,33 +57,52 @@ pub(crate) fn get() -> Option<&'static Runtime> {
     RUNTIME.get()
 }
 
-/// The runtime, initialising it if nobody has. `None` while another thread (or an interrupted
-/// frame of this one) is initialising.
+/// The runtime, initialising it if nobody has.
+///
+/// If another thread is initialising, waits for it (initialisation is bounded: a few
+/// allocations and system calls), so that a site's first call always registers it. Returns
+/// `None` only on re-entry into a thread's own initialisation (a signal handler, or a static call
+/// made by the allocator): that call goes through the trampoline unregistered.
 pub(crate) fn get_or_init() -> Option<&'static Runtime> {
     if let Some(rt) = RUNTIME.get() {
         return Some(rt);
     }
+    let me = current_tid();
     if INIT
         .compare_exchange(UNINIT, BUSY, Ordering::Acquire, Ordering::Acquire)
         .is_ok()
     {
+        INITIALISER.store(me, Ordering::Relaxed);
         let rt = build();
         // `set` publishes with Release: whoever gets the runtime sees it complete.
         let _ = RUNTIME.set(Box::new(rt));
         worker::install_fork_handlers();
         INIT.store(DONE, Ordering::Release);
+        return RUNTIME.get();
     }
-    RUNTIME.get()
+    if INITIALISER.load(Ordering::Relaxed) == me {
+        return RUNTIME.get();
+    }
+    wait_initialised()
 }
 
-/// Waits for initialisation by another thread to finish, for `init()`.
-pub(crate) fn wait_initialised() -> &'static Runtime {
+/// Waits for initialisation by another thread to finish; `None` if nobody has started it.
+pub(crate) fn wait_initialised() -> Option<&'static Runtime> {
     loop {
-        if let Some(rt) = get_or_init() {
-            return rt;
+        if let Some(rt) = RUNTIME.get() {
+            return Some(rt);
         }
+        if INIT.load(Ordering::Acquire) == UNINIT {
+            return None;
+        }
+        // sched_yield: async-signal-safe.
         std::thread::yield_now();
     }
+}
+
+fn current_tid() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
 }
 
 /// Whether patching is on.
@@ -124,10 +146,10 @@ fn build() -> Runtime {
         }
         Some(_) => {}
     }
-    if mode().is_ok() {
-        if let Err(errno) = linux::register_core_sync() {
-            disable(Disabled::NoCoreSync { errno });
-        }
+    if mode().is_ok()
+        && let Err(errno) = linux::register_core_sync()
+    {
+        disable(Disabled::NoCoreSync { errno });
     }
     Runtime {
         registry: Registry::new(capacity),
