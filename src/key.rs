@@ -133,7 +133,7 @@ impl<F: Copy> StaticCall<F> {
     /// target everywhere. Use [`try_update`](Self::try_update) to handle that case.
     ///
     /// ```
-    /// static_call::define_static_call!(static OP: extern "C" fn(i32) -> i32 = double);
+    /// static_call::define_static_call!(OP: extern "C" fn(i32) -> i32 = double);
     /// extern "C" fn double(x: i32) -> i32 { 2 * x }
     /// extern "C" fn square(x: i32) -> i32 { x * x }
     ///
@@ -151,7 +151,7 @@ impl<F: Copy> StaticCall<F> {
     /// key and every site keep the old target.
     ///
     /// ```
-    /// static_call::define_static_call!(static OP: extern "C" fn() -> u8 = one);
+    /// static_call::define_static_call!(OP: extern "C" fn() -> u8 = one);
     /// extern "C" fn one() -> u8 { 1 }
     /// extern "C" fn two() -> u8 { 2 }
     ///
@@ -165,11 +165,11 @@ impl<F: Copy> StaticCall<F> {
     /// The current target.
     ///
     /// ```
-    /// static_call::define_static_call!(static OP: extern "C" fn() -> u8 = one);
+    /// static_call::define_static_call!(OP: extern "C" fn() -> u8 = one);
     /// extern "C" fn one() -> u8 { 1 }
     ///
     /// let f: extern "C" fn() -> u8 = OP.query();
-    /// assert_eq!(f as usize, one as usize);
+    /// assert_eq!(f(), 1);
     /// ```
     pub fn query(&self) -> F {
         // SAFETY: `func` only ever holds values converted from an `F`.
@@ -183,7 +183,7 @@ impl<F: Copy> StaticCall<F> {
     ///
     /// ```
     /// use static_call::{SiteState, define_static_call, static_call};
-    /// define_static_call!(static OP: extern "C" fn() -> u8 = one);
+    /// define_static_call!(OP: extern "C" fn() -> u8 = one);
     /// extern "C" fn one() -> u8 { 1 }
     ///
     /// static_call!(OP)();
@@ -326,8 +326,8 @@ impl_signature!(
 /// ```
 /// use static_call::{StaticCallKey, define_static_call, static_call};
 ///
-/// define_static_call!(static INC: extern "C" fn(u32) -> u32 = inc);
-/// define_static_call!(static DEC: extern "C" fn(u32) -> u32 = dec);
+/// define_static_call!(INC: extern "C" fn(u32) -> u32 = inc);
+/// define_static_call!(DEC: extern "C" fn(u32) -> u32 = dec);
 /// extern "C" fn inc(x: u32) -> u32 { x + 1 }
 /// extern "C" fn dec(x: u32) -> u32 { x - 1 }
 ///
@@ -350,5 +350,5 @@ pub unsafe trait StaticCallKey: Sync + 'static {
     fn key() -> &'static StaticCall<Self::Fn>;
     /// A function of type `Fn` whose body is a call site of this key, distinct for every `U`.
     #[doc(hidden)]
-    fn __site<U>() -> Self::Fn;
+    fn __site<U: crate::site::SiteId>() -> Self::Fn;
 }

@@ -121,6 +121,31 @@ pub fn init() {
     imp::init();
 }
 
+/// Returns every patched site to `call <trampoline>` and switches patching off for the rest of
+/// the process. Calls stay correct (the trampoline always jumps to the key's current target) and
+/// `update` keeps working without ever writing code again.
+///
+/// Call it before the program sandboxes itself in a way that forbids writable code
+/// (`prctl(PR_SET_MDWE)`, a seccomp filter without `mprotect`): after that, a patched site could
+/// no longer be rewritten, and `update` would have to fail.
+///
+/// Fails (and leaves the sites it could not reach patched) only if code can already no longer be
+/// written, or a site's bytes were changed by someone else. Not async-signal-safe.
+///
+/// ```
+/// static_call::define_static_call!(K: extern "C" fn() -> i32 = one);
+/// extern "C" fn one() -> i32 { 1 }
+/// extern "C" fn two() -> i32 { 2 }
+///
+/// static_call::static_call!(K)();
+/// static_call::unpatch_all().expect("code is still writable");
+/// K.update(two); // no code is written now
+/// assert_eq!(static_call::static_call!(K)(), 2);
+/// ```
+pub fn unpatch_all() -> Result<(), Error> {
+    imp::unpatch_all()
+}
+
 /// Whether patching is on, why not if it is off, and the state of the worker and the registry.
 ///
 /// ```
@@ -166,7 +191,9 @@ pub fn trampoline_address() -> Option<usize> {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::key::RawKey;
-    pub use crate::site::{Arg, Class, Cursor, Regs, Ret, RetVal, Site, check_signature};
+    pub use crate::site::{
+        Arg, Class, Cursor, Regs, Ret, RetVal, Site, SiteId, check_signature, site_id,
+    };
     #[cfg(static_call_patching)]
     pub use crate::trampoline::trampoline;
 

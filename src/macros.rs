@@ -11,7 +11,9 @@
 //!   `KEY::__site::<ThatType>()`. A new type means a new instance of the shim, and so a new copy
 //!   of the asm block: every `static_call!` written in the source is its own site, in debug and
 //!   release builds alike. The shim is `#[inline(always)]`, so in optimised builds calling the
-//!   returned function pointer inlines the site into the caller.
+//!   returned function pointer inlines the site into the caller. The type also carries a number
+//!   derived from the file, line and column (`SiteId`), which the asm holds in a comment, so
+//!   that LLVM never merges the shims of two sites into one function.
 //! - `static_call!(OPS.field)` writes the asm block right there, with `sym OPS` plus the field's
 //!   constant offset, and takes the signature from the field's type.
 
@@ -131,13 +133,13 @@ macro_rules! __define_static_call {
             }
 
             #[inline(always)]
-            fn __site<U>() -> Self::Fn {
+            fn __site<U: $crate::__private::SiteId>() -> Self::Fn {
                 struct Binding<U>(::core::marker::PhantomData<U>);
                 // SAFETY: the asm block binds this key and calls its target with `regs`.
-                unsafe impl<U> $crate::__private::Site for Binding<U> {
+                unsafe impl<U: $crate::__private::SiteId> $crate::__private::Site for Binding<U> {
                     #[inline(always)]
                     unsafe fn invoke(regs: $crate::__private::Regs) -> $crate::__private::Ret {
-                        $crate::__site_asm!($name, 0, regs)
+                        $crate::__site_asm!($name, 0, U::ID, regs)
                     }
                 }
                 #[inline(always)]
@@ -213,6 +215,7 @@ macro_rules! __static_call_split {
                         (&raw const $($base)+ . $($field)+)
                             .byte_offset_from(&raw const $($base)+) as usize
                     },
+                    $crate::__private::site_id(::core::file!(), ::core::line!(), ::core::column!()),
                     regs
                 )
             }
@@ -225,6 +228,10 @@ macro_rules! __static_call_split {
     // A key type: one defined by `define_static_call!`, or a type parameter.
     ([$($key:tt)+]) => {{
         struct __StaticCallSite;
+        impl $crate::__private::SiteId for __StaticCallSite {
+            const ID: u64 =
+                $crate::__private::site_id(::core::file!(), ::core::line!(), ::core::column!());
+        }
         <$($key)+ as $crate::StaticCallKey>::__site::<__StaticCallSite>()
     }};
 }

@@ -338,13 +338,37 @@ macro_rules! __shim_body {
     }};
 }
 
+/// A number that names one `static_call!` in the source, from its file, line and column.
+///
+/// Written into the site's asm as a comment: it costs no byte of machine code, but two sites of
+/// the same key are then different inline asm to LLVM, which therefore never merges their shims
+/// into one function. (Merging would be harmless, since both bind the same key, but then taking
+/// `static_call!(KEY)` as a function pointer in two places would give one site, not two.)
+#[doc(hidden)]
+pub trait SiteId {
+    const ID: u64;
+}
+
+/// FNV-1a of the file name, mixed with the line and column.
+#[doc(hidden)]
+pub const fn site_id(file: &str, line: u32, column: u32) -> u64 {
+    let bytes = file.as_bytes();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < bytes.len() {
+        h = (h ^ bytes[i] as u64).wrapping_mul(0x0100_0000_01b3);
+        i += 1;
+    }
+    (h ^ ((line as u64) << 32 | column as u64)).wrapping_mul(0x0100_0000_01b3)
+}
+
 /// The call-site asm block. `$base` is a static and `$off` the constant offset of the key inside
-/// it (0 for a key that is the static itself).
+/// it (0 for a key that is the static itself); `$id` is the site's `SiteId`.
 #[cfg(static_call_patching)]
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __site_asm {
-    ($base:path, $off:expr, $regs:expr) => {{
+    ($base:path, $off:expr, $id:expr, $regs:expr) => {{
         let regs: $crate::__private::Regs = $regs;
         let rax;
         let xmm0;
@@ -356,11 +380,13 @@ macro_rules! __site_asm {
         // does not claim `nostack`.
         unsafe {
             ::core::arch::asm!(
+                "/* static_call site {id} */",
                 "lea r11, [rip + {key} + {off}]",
                 ".p2align 3",
                 "call {trampoline}",
                 key = sym $base,
                 off = const $off,
+                id = const $id,
                 trampoline = sym $crate::__private::trampoline,
                 in("rdi") regs.gp[0], in("rsi") regs.gp[1], in("rdx") regs.gp[2],
                 in("rcx") regs.gp[3], in("r8") regs.gp[4], in("r9") regs.gp[5],
@@ -381,7 +407,7 @@ macro_rules! __site_asm {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __site_asm {
-    ($base:path, $off:expr, $regs:expr) => {{
+    ($base:path, $off:expr, $id:expr, $regs:expr) => {{
         let _ = $regs;
         ::core::unreachable!("static_call: call sites are not compiled on this platform")
     }};
