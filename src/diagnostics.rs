@@ -29,6 +29,8 @@ pub enum Disabled {
         /// errno from `mprotect`.
         errno: i32,
     },
+    /// [`unpatch_all`](crate::unpatch_all) returned every site to the trampoline.
+    Unpatched,
 }
 
 impl fmt::Display for Disabled {
@@ -49,6 +51,9 @@ impl fmt::Display for Disabled {
                 "mprotect to read-write-execute was refused ({}; MDWE or SELinux?)",
                 errno_name(*errno)
             ),
+            Disabled::Unpatched => {
+                f.write_str("unpatch_all() returned every site to the trampoline")
+            }
         }
     }
 }
@@ -233,6 +238,7 @@ impl Disabled {
             Disabled::NoCoreSync { errno } => (3, errno),
             Disabled::ObjectNotFound => (4, 0),
             Disabled::WriteRefused { errno } => (5, errno),
+            Disabled::Unpatched => (6, 0),
         };
         (tag << 8) | errno.clamp(0, 255) as u16
     }
@@ -245,6 +251,7 @@ impl Disabled {
             3 => Disabled::NoCoreSync { errno },
             4 => Disabled::ObjectNotFound,
             5 => Disabled::WriteRefused { errno },
+            6 => Disabled::Unpatched,
             _ => return None,
         })
     }
