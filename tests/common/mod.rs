@@ -1,0 +1,143 @@
+//! Helpers shared by the integration tests: finding call sites in machine code and decoding
+//! what they call, with iced-x86.
+#![allow(dead_code)]
+
+use iced_x86::{
+    Code, Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter, Mnemonic, OpKind,
+    Register,
+};
+
+/// Whether this build patches (false in the portable fallback).
+pub fn patching() -> bool {
+    static_call::trampoline_address().is_some()
+}
+
+pub fn trampoline() -> usize {
+    static_call::trampoline_address().expect("patching build")
+}
+
+/// The end of the run of contiguous mappings that holds `addr`, from /proc/self/maps. (Patching
+/// may split the text mapping where it opened pages for writing.)
+fn mapping_end(addr: usize) -> usize {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let mut end = None;
+    for line in maps.lines() {
+        let range = line.split_whitespace().next().unwrap();
+        let (a, b) = range.split_once('-').unwrap();
+        let (a, b) = (
+            usize::from_str_radix(a, 16).unwrap(),
+            usize::from_str_radix(b, 16).unwrap(),
+        );
+        match end {
+            None if a <= addr && addr < b => end = Some(b),
+            Some(e) if a == e => end = Some(b),
+            Some(e) => return e,
+            None => {}
+        }
+    }
+    end.unwrap_or_else(|| panic!("{addr:#x} is not mapped"))
+}
+
+/// Reads code bytes (volatile: the patcher may be rewriting them).
+pub fn read(addr: usize, len: usize) -> Vec<u8> {
+    let len = len.min(mapping_end(addr) - addr);
+    (0..len)
+        .map(|i| unsafe { core::ptr::read_volatile((addr + i) as *const u8) })
+        .collect()
+}
+
+pub fn decode(addr: usize) -> Instruction {
+    let bytes = read(addr, 15);
+    Decoder::with_ip(64, &bytes, addr as u64, DecoderOptions::NONE).decode()
+}
+
+/// The target of the `call rel32` at `addr`, or None if the bytes there are something else.
+pub fn call_target(addr: usize) -> Option<usize> {
+    let insn = decode(addr);
+    (insn.code() == Code::Call_rel32_64).then(|| insn.near_branch64() as usize)
+}
+
+/// Asserts that the site at `site` decodes as `call target`.
+#[track_caller]
+pub fn assert_calls(site: usize, target: usize, what: &str) {
+    let insn = decode(site);
+    assert_eq!(
+        (insn.code(), insn.near_branch64() as usize),
+        (Code::Call_rel32_64, target),
+        "site {site:#x} should be `call {what}` ({target:#x}) but is `{}`",
+        format(&insn)
+    );
+}
+
+pub fn format(insn: &Instruction) -> String {
+    let mut out = String::new();
+    IntelFormatter::new().format(insn, &mut out);
+    out
+}
+
+/// Call sites of `key` in the code starting at `func` (up to `len` bytes): the address of every
+/// `call` that follows `lea r11, [rip + key]` and NOP padding.
+pub fn sites_in(func: usize, len: usize, key: usize) -> Vec<usize> {
+    let bytes = read(func, len);
+    let mut decoder = Decoder::with_ip(64, &bytes, func as u64, DecoderOptions::NONE);
+    // A shim has one exit: stop at its `ret` so as not to run into the next function.
+    let mut insns: Vec<Instruction> = Vec::new();
+    for insn in decoder.iter() {
+        let done = insn.mnemonic() == Mnemonic::Ret;
+        insns.push(insn);
+        if done {
+            break;
+        }
+    }
+    let mut sites = Vec::new();
+    for (i, lea) in insns.iter().enumerate() {
+        let binds = lea.code() == Code::Lea_r64_m
+            && lea.op0_register() == Register::R11
+            && lea.op1_kind() == OpKind::Memory
+            && lea.is_ip_rel_memory_operand()
+            && lea.ip_rel_memory_address() as usize == key;
+        if !binds {
+            continue;
+        }
+        if let Some(call) = insns[i + 1..]
+            .iter()
+            .find(|x| x.mnemonic() != Mnemonic::Nop)
+            && call.code() == Code::Call_rel32_64
+        {
+            sites.push(call.ip() as usize);
+        }
+    }
+    sites
+}
+
+/// The one site of `key` inside the function `func` (a shim returned by `static_call!`).
+#[track_caller]
+pub fn only_site(func: usize, key: usize) -> usize {
+    let sites = sites_in(func, 8192, key);
+    assert_eq!(
+        sites.len(),
+        1,
+        "expected one site of key {key:#x} in {func:#x}, found {sites:x?} in\n{}",
+        disassemble(func, 8192)
+    );
+    sites[0]
+}
+
+/// Address of a function pointer, as usize.
+pub fn addr<T: Copy>(f: T) -> usize {
+    assert_eq!(size_of::<T>(), size_of::<usize>());
+    unsafe { core::mem::transmute_copy(&f) }
+}
+
+/// Disassembles `len` bytes at `func`, up to the first `ret`, for failure messages.
+pub fn disassemble(func: usize, len: usize) -> String {
+    let bytes = read(func, len);
+    let mut out = String::new();
+    for insn in Decoder::with_ip(64, &bytes, func as u64, DecoderOptions::NONE).iter() {
+        out += &format!("{:x}: {}\n", insn.ip(), format(&insn));
+        if insn.mnemonic() == Mnemonic::Ret {
+            break;
+        }
+    }
+    out
+}

@@ -1,0 +1,317 @@
+//! Patching, proven on the bytes: every test decodes the call sites with iced-x86.
+//!
+//! Each test uses its own keys: tests run in parallel in one process and share the patcher.
+//! A site is found before it ever runs by asking `static_call!` for the shim that holds it
+//! (`black_box` keeps the compiler from inlining the shim, so the call runs that very site).
+//!
+//! Sites are compared with the pointer the key holds (`query()`), and the key's target is
+//! identified by what it computes: a small `extern "C" fn` may have a copy in every codegen unit,
+//! so `add as usize` here need not be the `add` the key was given.
+
+mod common;
+
+use std::hint::black_box;
+
+use common::{addr, assert_calls, call_target, only_site, patching, trampoline};
+use static_call::{Reason, SiteState, StaticCall, define_static_call, static_call};
+
+extern "C" fn add(a: i64, b: i64) -> i64 {
+    a + b
+}
+extern "C" fn mul(a: i64, b: i64) -> i64 {
+    a * b
+}
+extern "C" fn sub(a: i64, b: i64) -> i64 {
+    a - b
+}
+
+define_static_call!(FIRST: extern "C" fn(i64, i64) -> i64 = add);
+
+#[test]
+fn first_call_goes_through_trampoline_then_site_is_patched() {
+    let f = black_box(static_call!(FIRST));
+    if patching() {
+        let site = only_site(addr(f), FIRST.as_ptr() as usize);
+        assert_calls(site, trampoline(), "trampoline");
+        assert!(
+            FIRST.sites().is_empty(),
+            "a site that never ran is not registered"
+        );
+        assert_eq!(f(2, 3), 5, "the first call already reaches the target");
+        static_call::flush();
+        assert_calls(site, FIRST.query() as usize, "add");
+        assert_eq!(
+            FIRST.sites(),
+            [static_call::SiteInfo {
+                address: site,
+                state: SiteState::Patched
+            }]
+        );
+    }
+    assert_eq!(f(2, 3), 5);
+}
+
+define_static_call!(TWO: extern "C" fn(i64, i64) -> i64 = add);
+
+#[test]
+fn two_sites_are_patched_independently_and_an_idle_site_is_untouched() {
+    let a = black_box(static_call!(TWO));
+    let b = black_box(static_call!(TWO));
+    let idle = black_box(static_call!(TWO));
+    assert_ne!(addr(a), addr(b), "every static_call! is its own site");
+    if !patching() {
+        return;
+    }
+    let key = TWO.as_ptr() as usize;
+    let (sa, sb, si) = (
+        only_site(addr(a), key),
+        only_site(addr(b), key),
+        only_site(addr(idle), key),
+    );
+    assert_eq!(a(1, 2), 3);
+    static_call::flush();
+    assert_calls(sa, TWO.query() as usize, "add");
+    assert_calls(sb, trampoline(), "trampoline");
+    assert_eq!(b(1, 2), 3);
+    static_call::flush();
+    assert_calls(sa, TWO.query() as usize, "add");
+    assert_calls(sb, TWO.query() as usize, "add");
+    assert_calls(si, trampoline(), "trampoline");
+    let mut listed: Vec<usize> = TWO.sites().iter().map(|s| s.address).collect();
+    listed.sort();
+    let mut expected = vec![sa, sb];
+    expected.sort();
+    assert_eq!(listed, expected);
+}
+
+define_static_call!(UPD: extern "C" fn(i64, i64) -> i64 = add);
+
+#[test]
+fn update_rewrites_every_registered_site_before_returning() {
+    let a = black_box(static_call!(UPD));
+    let b = black_box(static_call!(UPD));
+    assert_eq!((a(2, 3), b(2, 3)), (5, 5));
+    static_call::flush();
+    UPD.update(mul);
+    // No flush: `update` is synchronous.
+    if patching() {
+        for s in UPD.sites() {
+            assert_calls(s.address, UPD.query() as usize, "mul");
+        }
+        assert_eq!(UPD.sites().len(), 2);
+    }
+    assert_eq!((a(2, 3), b(2, 3)), (6, 6));
+    let q: extern "C" fn(i64, i64) -> i64 = UPD.query();
+    assert_eq!(q(2, 5), 10, "query() returns the new target");
+    UPD.update(add);
+    if patching() {
+        for s in UPD.sites() {
+            assert_calls(s.address, UPD.query() as usize, "add");
+        }
+    }
+    assert_eq!((a(2, 3), b(2, 3)), (5, 5));
+}
+
+define_static_call!(EARLY: extern "C" fn(i64, i64) -> i64 = add);
+
+#[test]
+fn update_before_a_sites_first_run_is_what_the_first_run_calls() {
+    let f = black_box(static_call!(EARLY));
+    EARLY.update(mul);
+    assert_eq!(f(2, 3), 6);
+    static_call::flush();
+    if patching() {
+        assert_calls(
+            only_site(addr(f), EARLY.as_ptr() as usize),
+            EARLY.query() as usize,
+            "mul",
+        );
+    }
+}
+
+define_static_call!(RACE: extern "C" fn(i64, i64) -> i64 = add);
+
+/// The worker must read the target when it patches, not when the site was queued: call many
+/// fresh sites once, then update at once, before the worker can have patched them all.
+#[test]
+fn sites_queued_before_an_update_are_patched_to_the_new_target() {
+    macro_rules! fresh_sites {
+        ($($n:literal)*) => { [$( { let _ = $n; black_box(static_call!(RACE)) } ),*] };
+    }
+    let sites = fresh_sites!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26
+        27 28 29 30 31 32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57
+        58 59 60 61 62 63);
+    for f in sites {
+        assert_eq!(f(7, 2), 9);
+    }
+    RACE.update(sub);
+    static_call::flush();
+    for f in sites {
+        assert_eq!(f(7, 2), 5);
+        if patching() {
+            assert_calls(
+                only_site(addr(f), RACE.as_ptr() as usize),
+                RACE.query() as usize,
+                "sub",
+            );
+        }
+    }
+}
+
+define_static_call!(BURST: extern "C" fn(i64, i64) -> i64 = add);
+
+#[test]
+fn flush_returns_with_a_burst_of_new_sites_patched_and_is_free_when_idle() {
+    macro_rules! sites {
+        ($($n:literal)*) => { [$( { let _ = $n; black_box(static_call!(BURST)) } ),*] };
+    }
+    let sites = sites!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27
+        28 29 30 31);
+    for f in sites {
+        assert_eq!(f(1, 1), 2);
+    }
+    static_call::flush();
+    if patching() {
+        for f in sites {
+            assert_calls(
+                only_site(addr(f), BURST.as_ptr() as usize),
+                BURST.query() as usize,
+                "add",
+            );
+        }
+        assert!(BURST.sites().iter().all(|s| s.state == SiteState::Patched));
+    }
+}
+
+define_static_call!(KEY_A: extern "C" fn(i64, i64) -> i64 = add);
+define_static_call!(KEY_B: extern "C" fn(i64, i64) -> i64 = mul);
+
+/// Calls the trampoline from hand-written code that loads r11 from a register: the site's bytes
+/// do not prove a key, so it must never be patched, whatever key reaches it.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_os = "linux",
+    not(feature = "force-fallback")
+))]
+#[inline(never)]
+fn call_with_runtime_key(
+    key: &'static StaticCall<extern "C" fn(i64, i64) -> i64>,
+    a: i64,
+    b: i64,
+) -> i64 {
+    let out: i64;
+    unsafe {
+        core::arch::asm!(
+            "mov r11, {key}",
+            ".p2align 3",
+            "call {trampoline}",
+            key = in(reg) key.as_ptr(),
+            trampoline = sym static_call::__private::trampoline,
+            inout("rdi") a => _, inout("rsi") b => _,
+            lateout("rax") out,
+            clobber_abi("C"),
+        );
+    }
+    out
+}
+
+/// The same, through `call reg`: the return address does not follow a `call rel32` at all.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_os = "linux",
+    not(feature = "force-fallback")
+))]
+#[inline(never)]
+fn call_trampoline_through_pointer(
+    key: &'static StaticCall<extern "C" fn(i64, i64) -> i64>,
+    a: i64,
+) -> i64 {
+    let out: i64;
+    let f: unsafe extern "C" fn() = static_call::__private::trampoline;
+    unsafe {
+        core::arch::asm!(
+            "mov r11, {key}",
+            "call {f}",
+            key = in(reg) key.as_ptr(),
+            f = in(reg) f,
+            inout("rdi") a => _, inout("rsi") a => _,
+            lateout("rax") out,
+            clobber_abi("C"),
+        );
+    }
+    out
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_os = "linux",
+    not(feature = "force-fallback")
+))]
+#[test]
+fn a_site_reached_with_two_keys_is_never_patched_and_always_calls_the_right_target() {
+    // Both keys also have ordinary sites, which do get patched.
+    let (pa, pb) = (
+        black_box(static_call!(KEY_A)),
+        black_box(static_call!(KEY_B)),
+    );
+    assert_eq!((pa(3, 4), pb(3, 4)), (7, 12));
+    static_call::flush();
+    assert_calls(
+        only_site(addr(pa), KEY_A.as_ptr() as usize),
+        KEY_A.query() as usize,
+        "add",
+    );
+
+    for round in 0..50 {
+        assert_eq!(call_with_runtime_key(&KEY_A, 3, 4), 7, "round {round}");
+        assert_eq!(call_with_runtime_key(&KEY_B, 3, 4), 12, "round {round}");
+        assert_eq!(
+            call_trampoline_through_pointer(&KEY_A, 3),
+            6,
+            "round {round}"
+        );
+        assert_eq!(
+            call_trampoline_through_pointer(&KEY_B, 3),
+            9,
+            "round {round}"
+        );
+        if round == 10 {
+            static_call::flush();
+            KEY_A.update(sub);
+            KEY_A.update(add);
+        }
+    }
+    static_call::flush();
+    // The hand-written sites are registered under whichever key reached them first, and stay on
+    // the trampoline with the reason.
+    let hand_made: Vec<_> = KEY_A
+        .sites()
+        .into_iter()
+        .chain(KEY_B.sites())
+        .filter(|s| s.state != SiteState::Patched)
+        .collect();
+    assert_eq!(hand_made.len(), 2, "{hand_made:?}");
+    for s in &hand_made {
+        assert!(
+            matches!(
+                s.state,
+                SiteState::Trampoline(Reason::KeyNotProven | Reason::NotASite)
+            ),
+            "{s:?}"
+        );
+    }
+    let aligned = hand_made
+        .iter()
+        .find(|s| s.state == SiteState::Trampoline(Reason::KeyNotProven));
+    let aligned =
+        aligned.expect("the `call rel32` site is recognised as a site without a proven key");
+    assert_eq!(call_target(aligned.address), Some(trampoline()));
+}
+
+#[test]
+fn keys_are_sixteen_bytes_and_const_constructible() {
+    assert_eq!(size_of::<StaticCall<extern "C" fn(i64, i64) -> i64>>(), 16);
+    assert_eq!(size_of_val(&*FIRST), 16);
+    static K: StaticCall<extern "C" fn(i64, i64) -> i64> = StaticCall::new(add);
+    assert_eq!(K.query()(2, 3), 5);
+}
