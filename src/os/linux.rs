@@ -483,7 +483,7 @@ mod tests {
     #[test]
     fn own_object_is_found_with_an_executable_segment() {
         let page = page_size();
-        let here = own_object_is_found_with_an_executable_segment as usize;
+        let here = own_object_is_found_with_an_executable_segment as *const () as usize;
         let obj = find_object(here, page).expect("test binary");
         assert!(obj.is_main);
         assert!(obj.exec_segment(here, here + 1).is_some());

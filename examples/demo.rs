@@ -1,0 +1,209 @@
+//! A static call, live: one call site's machine code before its first call, after it, and after
+//! `update`, what each call returned, and what a call costs on this machine right now.
+//!
+//! Run with `cargo run --release --example demo`. It prints:
+//! 1. the site's instructions before it ever ran (`call` to the shared trampoline);
+//! 2. the result of the first call, and the site once the worker thread patched it
+//!    (`call add`);
+//! 3. the site after `OP.update(mul)` (`call mul`), and the new result;
+//! 4. a timing table: direct call, patched static call, function pointer, unpatched static call.
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::time::Instant;
+
+use iced_x86::{
+    Code, Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter, Mnemonic, OpKind,
+    Register,
+};
+use static_call::{define_static_call, static_call};
+
+#[inline(never)]
+extern "C" fn add(a: u64, b: u64) -> u64 {
+    a.wrapping_add(b)
+}
+
+#[inline(never)]
+extern "C" fn mul(a: u64, b: u64) -> u64 {
+    a.wrapping_mul(b)
+}
+
+define_static_call!(
+    /// The operation `compute` applies.
+    OP: extern "C" fn(u64, u64) -> u64 = add
+);
+
+/// The function whose call site the demo watches.
+#[inline(never)]
+fn compute(a: u64, b: u64) -> u64 {
+    static_call!(OP)(a, b)
+}
+
+fn main() {
+    println!("static_call demo\n================\n");
+    println!("`define_static_call!(OP: extern \"C\" fn(u64, u64) -> u64 = add)` defines a key;");
+    println!(
+        "`static_call!(OP)(a, b)` in `compute` is a call site that will call OP's target directly.\n"
+    );
+
+    let names = Names::new();
+    let site = find_site(compute as *const () as usize, OP.as_ptr() as usize);
+    if site.is_none() {
+        println!(
+            "(the site is not inlined into `compute` in this build: run with --release to see it)\n"
+        );
+    }
+    let show = |title: &str| {
+        if let Some(site) = site {
+            println!("{title}");
+            print_site(site, &names);
+            println!();
+        }
+    };
+
+    show("1. Before the first call, the site calls the shared trampoline:");
+    let first = compute(20, 22);
+    println!("2. First call: compute(20, 22) = {first}. It went through the trampoline, which");
+    println!("   registered the site and queued it for the patcher thread.");
+    static_call::flush();
+    show("   Once patched (static_call::flush() waits for that), the site calls `add` directly:");
+
+    OP.update(mul);
+    show("3. OP.update(mul) returns once every registered site calls `mul`:");
+    println!("   compute(20, 22) = {}\n", compute(20, 22));
+    OP.update(add);
+
+    match static_call::status().patching {
+        Ok(()) => {}
+        Err(why) => println!("(patching is off in this process: {why})\n"),
+    }
+    timing_table();
+}
+
+/// Addresses worth naming in a disassembly.
+struct Names(Vec<(usize, &'static str)>);
+
+impl Names {
+    fn new() -> Names {
+        let mut names = vec![
+            (add as *const () as usize, "add"),
+            (mul as *const () as usize, "mul"),
+        ];
+        if let Some(t) = static_call::trampoline_address() {
+            names.push((t, "static_call trampoline"));
+        }
+        names.push((OP.as_ptr() as usize, "OP"));
+        Names(names)
+    }
+
+    fn of(&self, addr: u64) -> Option<&'static str> {
+        self.0
+            .iter()
+            .find(|(a, _)| *a as u64 == addr)
+            .map(|(_, n)| *n)
+    }
+}
+
+fn read(addr: usize, len: usize) -> Vec<u8> {
+    // SAFETY: reads the code of `compute`, which is mapped and readable; volatile because the
+    // patcher may rewrite it.
+    (0..len)
+        .map(|i| unsafe { core::ptr::read_volatile((addr + i) as *const u8) })
+        .collect()
+}
+
+/// The address of the `lea r11, [rip + key]` that starts the static-call site inside `func`.
+fn find_site(func: usize, key: usize) -> Option<usize> {
+    let code = read(func, 256);
+    let mut decoder = Decoder::with_ip(64, &code, func as u64, DecoderOptions::NONE);
+    decoder
+        .iter()
+        .take_while(|i| i.mnemonic() != Mnemonic::Ret)
+        .find(|i| {
+            i.code() == Code::Lea_r64_m
+                && i.op0_register() == Register::R11
+                && i.op1_kind() == OpKind::Memory
+                && i.ip_rel_memory_address() as usize == key
+        })
+        .map(|i| i.ip() as usize)
+}
+
+/// Prints the site: the `lea`, the padding and the `call`.
+fn print_site(site: usize, names: &Names) {
+    let code = read(site, 24);
+    let mut decoder = Decoder::with_ip(64, &code, site as u64, DecoderOptions::NONE);
+    let mut formatter = IntelFormatter::new();
+    for insn in decoder.iter() {
+        print_insn(&insn, &mut formatter, names);
+        if insn.mnemonic() == Mnemonic::Call {
+            break;
+        }
+    }
+}
+
+fn print_insn(insn: &Instruction, formatter: &mut IntelFormatter, names: &Names) {
+    let mut text = String::new();
+    formatter.format(insn, &mut text);
+    let bytes = read(insn.ip() as usize, insn.len());
+    let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let target = match insn.mnemonic() {
+        Mnemonic::Call => names.of(insn.near_branch64()),
+        Mnemonic::Lea => names.of(insn.ip_rel_memory_address()),
+        _ => None,
+    };
+    let note = target.map(|n| format!("   ; {n}")).unwrap_or_default();
+    println!("     {:#x}:  {:<24} {text}{note}", insn.ip(), hex.join(" "));
+}
+
+const CALLS: u64 = 20_000_000;
+
+/// Nanoseconds per call of `f`, best of five runs of a dependent chain of calls.
+fn ns_per_call(mut f: impl FnMut(u64, u64) -> u64) -> f64 {
+    (0..5)
+        .map(|_| {
+            let start = Instant::now();
+            let mut acc = 1u64;
+            for i in 0..CALLS {
+                acc = f(acc, i);
+            }
+            black_box(acc);
+            start.elapsed().as_nanos() as f64 / CALLS as f64
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+static FN_PTR: AtomicPtr<()> = AtomicPtr::new(core::ptr::null_mut());
+
+fn timing_table() {
+    // A function pointer stored at run time, as crates like memchr do for CPU-feature dispatch
+    // (a pointer that is never stored to would be folded into a constant by the compiler).
+    FN_PTR.store(black_box(add as *mut ()), Ordering::Release);
+    let through_pointer = |a, b| {
+        // SAFETY: FN_PTR holds `add`, an `extern "C" fn(u64, u64) -> u64`.
+        let f: extern "C" fn(u64, u64) -> u64 =
+            unsafe { core::mem::transmute(FN_PTR.load(Ordering::Acquire)) };
+        f(a, b)
+    };
+    let direct = ns_per_call(|a, b| add(a, b));
+    let patched = ns_per_call(|a, b| static_call!(OP)(a, b));
+    static_call::flush();
+    let patched = patched.min(ns_per_call(|a, b| static_call!(OP)(a, b)));
+    let pointer = ns_per_call(through_pointer);
+    // Return every site to the trampoline (patching stays off from here on) to time that path.
+    static_call::unpatch_all().expect("code pages are writable");
+    let unpatched = ns_per_call(|a, b| static_call!(OP)(a, b));
+
+    println!(
+        "4. What a call costs here, now ({CALLS} dependent calls, best of 5; the machine may be busy):\n"
+    );
+    println!("   {:<40} {:>8} {:>10}", "call", "ns/call", "vs direct");
+    for (name, ns) in [
+        ("direct call", direct),
+        ("static call, patched", patched),
+        ("function pointer (AtomicPtr)", pointer),
+        ("static call, unpatched (trampoline)", unpatched),
+    ] {
+        println!("   {name:<40} {ns:>8.2} {:>9.2}x", ns / direct);
+    }
+    println!("\n   docs/benchmarks.md has the careful measurements.");
+}
