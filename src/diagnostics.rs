@@ -230,6 +230,7 @@ pub(crate) fn errno_name(errno: i32) -> String {
 }
 
 /// Compact encodings, for storing a reason in an atomic word: a tag byte and an errno byte.
+#[cfg_attr(not(static_call_patching), allow(dead_code))]
 impl Disabled {
     pub(crate) fn to_code(self) -> u16 {
         let (tag, errno) = match self {
@@ -257,6 +258,7 @@ impl Disabled {
     }
 }
 
+#[cfg_attr(not(static_call_patching), allow(dead_code))]
 impl Reason {
     const NOT_A_SITE: u16 = 0x40 << 8;
     const KEY_NOT_PROVEN: u16 = 0x41 << 8;

@@ -3,15 +3,13 @@
 //! and an indirect call (see `StaticCallKey::__site` and `__private::field_site`), and `update`
 //! is one store. There are no sites to list and nothing to flush.
 
-use core::sync::atomic::Ordering;
-
 use crate::diagnostics::{Disabled, Error, SiteInfo, Stats, Status, WorkerStatus};
-use crate::key::{RawKey, Target};
+use crate::key::{RawKey, RawTarget};
 
-pub(crate) fn update(key: &RawKey, target: Target) -> Result<(), Error> {
-    // Release pairs with the Acquire load of every call: a call that starts after `update`
-    // returned (and is ordered after it) reaches the new target.
-    key.func.store(target.func() as *mut (), Ordering::Release);
+pub(crate) fn update(key: &RawKey, target: RawTarget) -> Result<(), Error> {
+    // `set_target` stores with Release, pairing with the Acquire load of every call: a call
+    // that starts after `update` returned (and is ordered after it) reaches the new target.
+    key.set_target(target);
     Ok(())
 }
 

@@ -5,61 +5,146 @@ use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
 use crate::diagnostics::{Error, SiteInfo};
 use crate::imp;
-use crate::site::{Arg, RetVal, Site, check_signature};
+use crate::site::{Arg, Class, NoResult, RetVal, Site, ZeroableResult, check_signature};
 
-/// What a key's sites should do when called. Internal form of a key's target.
+/// What a key's sites do when called: the internal, untyped form of [`Target`].
+///
+/// Each variant holds the function the trampoline jumps to. For `Null` and `Ret0` that is the
+/// signature's zero function (which returns nothing, or zero); patched sites do not call it at
+/// all: they hold a 5-byte NOP or `xor eax, eax`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum Target {
+pub(crate) enum RawTarget {
     /// Call this function.
     Call(*const ()),
+    /// Do nothing (the key returns `()`).
+    Null(*const ()),
+    /// Return zero (the key returns an integer, a pointer, `bool`...).
+    Ret0(*const ()),
 }
 
-impl Target {
+const MODE_CALL: usize = 0;
+const MODE_NULL: usize = 1;
+const MODE_RET0: usize = 2;
+const MODE_MASK: usize = 3;
+const MODE_BITS: u32 = 2;
+
+impl RawTarget {
     /// The function the trampoline jumps to for this target.
     pub(crate) fn func(self) -> *const () {
         match self {
-            Target::Call(f) => f,
+            RawTarget::Call(f) | RawTarget::Null(f) | RawTarget::Ret0(f) => f,
+        }
+    }
+
+    fn mode(self) -> usize {
+        match self {
+            RawTarget::Call(_) => MODE_CALL,
+            RawTarget::Null(_) => MODE_NULL,
+            RawTarget::Ret0(_) => MODE_RET0,
         }
     }
 }
 
 /// The untyped part of a key: 16 bytes, the layout the kernel settled on.
 ///
-/// - `func`: the current target. Written only under the patch lock (`Release`), read by the
-///   trampoline's slow path with `Acquire` so that a target published by `update` (for example
-///   freshly generated code) is seen complete.
-/// - `sites`: the head of the key's list of patched sites, as registry index + 1 (0 = empty).
-///   Read and written only under the patch lock, so `Relaxed` suffices.
+/// - `func`: the function the trampoline jumps to. Written only under the patch lock
+///   (`Release`), read by the trampoline's slow path with `Acquire`, so that a target published by
+///   `update` (freshly generated code, say) is seen complete.
+/// - `sites`: the key's mode (call, null, return zero) in the low two bits, and above them the
+///   head of its list of patched sites as registry index + 1 (0 = empty). Read and written only
+///   under the patch lock (or before any site exists), so `Relaxed` suffices.
 #[repr(C)]
 #[doc(hidden)]
 pub struct RawKey {
     pub(crate) func: AtomicPtr<()>,
-    pub(crate) sites: AtomicUsize,
+    sites: AtomicUsize,
 }
 
 impl RawKey {
-    const fn new(func: *const ()) -> Self {
+    const fn new(target: RawTarget) -> Self {
+        let mode = match target {
+            RawTarget::Call(_) => MODE_CALL,
+            RawTarget::Null(_) => MODE_NULL,
+            RawTarget::Ret0(_) => MODE_RET0,
+        };
+        let func = match target {
+            RawTarget::Call(f) | RawTarget::Null(f) | RawTarget::Ret0(f) => f,
+        };
         RawKey {
             func: AtomicPtr::new(func as *mut ()),
-            sites: AtomicUsize::new(0),
+            sites: AtomicUsize::new(mode),
         }
     }
 
-    /// The current target, as the trampoline sees it.
+    /// The function the trampoline jumps to.
     #[inline]
     pub(crate) fn func(&self) -> *const () {
         self.func.load(Ordering::Acquire)
     }
 
-    pub(crate) fn target(&self) -> Target {
-        Target::Call(self.func())
+    /// The function a call reaches now, for the fallback's shims.
+    #[doc(hidden)]
+    #[inline]
+    pub fn __func(&self) -> *const () {
+        self.func()
+    }
+
+    /// The current target. Exact under the patch lock; otherwise a snapshot.
+    pub(crate) fn target(&self) -> RawTarget {
+        let f = self.func();
+        match self.sites.load(Ordering::Relaxed) & MODE_MASK {
+            MODE_NULL => RawTarget::Null(f),
+            MODE_RET0 => RawTarget::Ret0(f),
+            _ => RawTarget::Call(f),
+        }
+    }
+
+    /// Sets the target. Under the patch lock (or in the fallback, where there are no sites).
+    pub(crate) fn set_target(&self, target: RawTarget) {
+        let head = self.sites.load(Ordering::Relaxed) & !MODE_MASK;
+        self.sites.store(head | target.mode(), Ordering::Relaxed);
+        // Release: a thread that reads the new function through the trampoline sees the
+        // function's code and data as the updater published them.
+        self.func.store(target.func() as *mut (), Ordering::Release);
+    }
+
+    /// Registry index + 1 of the first site in the key's list; 0 if none. Under the patch lock.
+    #[cfg_attr(not(static_call_patching), allow(dead_code))]
+    pub(crate) fn head(&self) -> u32 {
+        (self.sites.load(Ordering::Relaxed) >> MODE_BITS) as u32
+    }
+
+    /// Under the patch lock.
+    #[cfg_attr(not(static_call_patching), allow(dead_code))]
+    pub(crate) fn set_head(&self, head: u32) {
+        let mode = self.sites.load(Ordering::Relaxed) & MODE_MASK;
+        self.sites
+            .store((head as usize) << MODE_BITS | mode, Ordering::Relaxed);
     }
 
     /// The key's address: what a site's `lea r11, [rip + KEY]` computes.
+    #[cfg_attr(not(static_call_patching), allow(dead_code))]
     pub(crate) fn addr(&self) -> usize {
         self as *const RawKey as usize
     }
 }
+
+/// What a key's sites do when called, as [`StaticCall::target`] reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target<F> {
+    /// Call this function.
+    Function(F),
+    /// Do nothing: the key has no target (the kernel's `DEFINE_STATIC_CALL_NULL`). Patched sites
+    /// are a 5-byte NOP.
+    Null,
+    /// Return zero (0, null, `false`): the kernel's `__static_call_return0`. Patched sites are
+    /// the single instruction `xor eax, eax` (with prefixes, 5 bytes).
+    ReturnZero,
+}
+
+/// Marks a key defined to return zero: `define_static_call!(K: extern "C" fn() -> u64 = ReturnZero)`.
+#[derive(Clone, Copy, Debug)]
+pub struct ReturnZero;
 
 /// A static-call key: the current target of a family of call sites, of type `F`.
 ///
@@ -105,6 +190,107 @@ impl<F: Signature> StaticCall<F> {
         // SAFETY: `F: Signature` is implemented only for `extern "C"` function pointers.
         unsafe { Self::__new_unchecked(f) }
     }
+
+    /// A key with no target: calls do nothing (the kernel's `DEFINE_STATIC_CALL_NULL`). Only
+    /// for keys that return `()`.
+    ///
+    /// ```
+    /// use static_call::{StaticCall, Target};
+    /// static HOOK: StaticCall<extern "C" fn(u32)> = StaticCall::null();
+    /// assert_eq!(HOOK.target(), Target::Null);
+    /// ```
+    pub const fn null() -> Self
+    where
+        F::Output: NoResult,
+    {
+        let () = F::CHECK;
+        StaticCall {
+            raw: RawKey::new(RawTarget::Null(fn_to_ptr(F::__ZERO))),
+            _sig: PhantomData,
+        }
+    }
+
+    /// A key whose calls return zero (the kernel's `DEFINE_STATIC_CALL_RET0`). Only for keys
+    /// that return an integer, `bool`, `char`, a raw pointer or an `Option` of a reference.
+    ///
+    /// ```
+    /// use static_call::StaticCall;
+    /// static COUNT: StaticCall<extern "C" fn() -> u64> = StaticCall::return_zero();
+    /// assert_eq!(COUNT.query()(), 0);
+    /// ```
+    pub const fn return_zero() -> Self
+    where
+        F::Output: ZeroableResult,
+    {
+        let () = F::CHECK;
+        StaticCall {
+            raw: RawKey::new(RawTarget::Ret0(fn_to_ptr(F::__ZERO))),
+            _sig: PhantomData,
+        }
+    }
+
+    /// Removes the key's target: calls do nothing, and patched sites become a 5-byte NOP.
+    /// Synchronous like [`update`](Self::update). Only for keys that return `()`.
+    ///
+    /// # Panics
+    /// When [`try_set_null`](Self::try_set_null) would fail.
+    ///
+    /// ```
+    /// use static_call::{StaticCall, Target, static_call};
+    /// extern "C" fn log(_: u32) {}
+    /// static HOOK: StaticCall<extern "C" fn(u32)> = StaticCall::new(log);
+    /// HOOK.set_null();
+    /// static_call!(HOOK)(7); // does nothing
+    /// assert_eq!(HOOK.target(), Target::Null);
+    /// ```
+    pub fn set_null(&self)
+    where
+        F::Output: NoResult,
+    {
+        expect_set(self.try_set_null());
+    }
+
+    /// Like [`set_null`](Self::set_null), reporting failure instead of panicking.
+    pub fn try_set_null(&self) -> Result<(), Error>
+    where
+        F::Output: NoResult,
+    {
+        imp::update(&self.raw, RawTarget::Null(fn_to_ptr(F::__ZERO)))
+    }
+
+    /// Makes every call return zero (0, null, `false`); patched sites become the single
+    /// instruction `xor eax, eax`. Synchronous like [`update`](Self::update).
+    ///
+    /// # Panics
+    /// When [`try_set_return_zero`](Self::try_set_return_zero) would fail.
+    ///
+    /// ```
+    /// use static_call::{StaticCall, static_call};
+    /// extern "C" fn answer() -> i32 { 42 }
+    /// static Q: StaticCall<extern "C" fn() -> i32> = StaticCall::new(answer);
+    /// Q.set_return_zero();
+    /// assert_eq!(static_call!(Q)(), 0);
+    /// ```
+    pub fn set_return_zero(&self)
+    where
+        F::Output: ZeroableResult,
+    {
+        expect_set(self.try_set_return_zero());
+    }
+
+    /// Like [`set_return_zero`](Self::set_return_zero), reporting failure instead of panicking.
+    pub fn try_set_return_zero(&self) -> Result<(), Error>
+    where
+        F::Output: ZeroableResult,
+    {
+        imp::update(&self.raw, RawTarget::Ret0(fn_to_ptr(F::__ZERO)))
+    }
+}
+
+fn expect_set(result: Result<(), Error>) {
+    if let Err(e) = result {
+        panic!("static_call: update failed, the key keeps its old target: {e}");
+    }
 }
 
 impl<F: Copy> StaticCall<F> {
@@ -113,8 +299,46 @@ impl<F: Copy> StaticCall<F> {
     #[doc(hidden)]
     pub const unsafe fn __new_unchecked(f: F) -> Self {
         StaticCall {
-            raw: RawKey::new(fn_to_ptr(f)),
+            raw: RawKey::new(RawTarget::Call(fn_to_ptr(f))),
             _sig: PhantomData,
+        }
+    }
+
+    /// A key with no target (`null`) or that returns zero (`!null`), whose zero function is
+    /// `zero`.
+    ///
+    /// # Safety
+    /// As for `__new_unchecked`, and `zero` must return nothing (`null`) or zero.
+    #[doc(hidden)]
+    pub const unsafe fn __new_zero_unchecked(zero: F, null: bool) -> Self {
+        let zero = fn_to_ptr(zero);
+        let target = if null {
+            RawTarget::Null(zero)
+        } else {
+            RawTarget::Ret0(zero)
+        };
+        StaticCall {
+            raw: RawKey::new(target),
+            _sig: PhantomData,
+        }
+    }
+
+    /// What the key's sites do now.
+    ///
+    /// ```
+    /// use static_call::{StaticCall, Target};
+    /// extern "C" fn one() -> u8 { 1 }
+    /// static K: StaticCall<extern "C" fn() -> u8> = StaticCall::new(one);
+    /// assert!(matches!(K.target(), Target::Function(f) if f() == 1));
+    /// K.set_return_zero();
+    /// assert_eq!(K.target(), Target::ReturnZero);
+    /// ```
+    pub fn target(&self) -> Target<F> {
+        match self.raw.target() {
+            // SAFETY: a `Call` target only ever holds a value converted from an `F`.
+            RawTarget::Call(f) => Target::Function(unsafe { ptr_to_fn(f) }),
+            RawTarget::Null(_) => Target::Null,
+            RawTarget::Ret0(_) => Target::ReturnZero,
         }
     }
 
@@ -142,9 +366,7 @@ impl<F: Copy> StaticCall<F> {
     /// assert_eq!(static_call::static_call!(OP)(5), 25);
     /// ```
     pub fn update(&self, f: F) {
-        if let Err(e) = self.try_update(f) {
-            panic!("static_call: update failed, the key keeps its old target: {e}");
-        }
+        expect_set(self.try_update(f));
     }
 
     /// Like [`update`](Self::update), but reports failure instead of panicking. On `Err`, the
@@ -159,10 +381,27 @@ impl<F: Copy> StaticCall<F> {
     /// assert_eq!(static_call::static_call!(OP)(), 2);
     /// ```
     pub fn try_update(&self, f: F) -> Result<(), Error> {
-        imp::update(&self.raw, Target::Call(fn_to_ptr(f)))
+        imp::update(&self.raw, RawTarget::Call(fn_to_ptr(f)))
     }
 
-    /// The current target.
+    /// Sets the target from a [`Target`]: what `update`, `set_null` and `set_return_zero` do,
+    /// for a zero function the caller provides.
+    ///
+    /// # Safety
+    /// `zero` must be a function that returns nothing (for `Null`) or zero (for `ReturnZero`).
+    #[doc(hidden)]
+    pub unsafe fn __try_set(&self, target: Target<F>, zero: F) -> Result<(), Error> {
+        let target = match target {
+            Target::Function(f) => RawTarget::Call(fn_to_ptr(f)),
+            Target::Null => RawTarget::Null(fn_to_ptr(zero)),
+            Target::ReturnZero => RawTarget::Ret0(fn_to_ptr(zero)),
+        };
+        imp::update(&self.raw, target)
+    }
+
+    /// The function a call reaches now: the target, or for a key set to
+    /// [`Null`](Target::Null) or [`ReturnZero`](Target::ReturnZero), a function of the key's
+    /// type that does nothing or returns zero. [`target`](Self::target) tells which.
     ///
     /// ```
     /// static_call::define_static_call!(OP: extern "C" fn() -> u8 = one);
@@ -266,9 +505,15 @@ unsafe fn ptr_to_fn<F: Copy>(p: *const ()) -> F {
     note = "signatures with borrowed arguments (`extern \"C\" fn(&T)`) need `define_static_call!`"
 )]
 pub unsafe trait Signature: Copy + Send + Sync + 'static {
+    /// The result type.
+    type Output: RetVal;
     /// Compile-time check that the arguments fit in registers.
     #[doc(hidden)]
     const CHECK: ();
+    /// A function of this type that returns nothing, or zero: the target of a key that is
+    /// null or returns zero.
+    #[doc(hidden)]
+    const __ZERO: Self;
     /// A function of this type whose body is the call site `S`.
     #[doc(hidden)]
     fn __shim<S: Site>() -> Self;
@@ -284,14 +529,35 @@ macro_rules! impl_signature {
         unsafe impl<R: RetVal + 'static, $($A: Arg + 'static),*> Signature
             for $($unsafe)? extern "C" fn($($A),*) -> R
         {
+            type Output = R;
+
             const CHECK: () = check_signature(&[$(<$A as Arg>::CLASS),*]);
+
+            const __ZERO: Self = {
+                #[allow(improper_ctypes_definitions)]
+                extern "C" fn zero<R: RetVal, $($A),*>($(_: $A),*) -> R {
+                    R::__zero()
+                }
+                zero::<R, $($A),*>
+            };
 
             #[inline(always)]
             fn __shim<S: Site>() -> Self {
                 #[inline(always)]
                 #[allow(improper_ctypes_definitions)]
                 extern "C" fn shim<S: Site, R: RetVal, $($A: Arg),*>($($a: $A),*) -> R {
-                    $crate::__shim_body!(S, R; $($a),*)
+                    $crate::__shim_body!(
+                        S,
+                        R,
+                        // SAFETY: `key_site` ties the site to a key of this type, and a key's
+                        // function only ever holds values of its type.
+                        unsafe {
+                            ::core::mem::transmute::<*const (), $($unsafe)? extern "C" fn($($A),*) -> R>(
+                                S::key().__func(),
+                            )
+                        };
+                        $($a),*
+                    )
                 }
                 shim::<S, R, $($A),*>
             }
@@ -319,9 +585,95 @@ impl_signature!(
     A0 a0 A1 a1 A2 a2 A3 a3 A4 a4 A5 a5 A6 a6 A7 a7 A8 a8 A9 a9 A10 a10 A11 a11 A12 a12 A13 a13
 );
 
+/// `key.call(args)`: calls a key that is only known at run time (a `&StaticCall` in a variable,
+/// in a heap object, picked from an array). There is no call site to patch here, since no site
+/// can prove which key it belongs to, so this is an atomic load of the current target and an
+/// indirect call: always the key's current target, at the cost of a function-pointer call.
+macro_rules! impl_call {
+    ($($A:ident $a:ident)*) => {
+        impl<R, $($A),*> StaticCall<extern "C" fn($($A),*) -> R> {
+            /// Calls the key's current target through a plain indirect call, for a key known
+            /// only at run time; see [`static_call!`](crate::static_call) for named keys.
+            ///
+            /// ```
+            /// use static_call::StaticCall;
+            /// extern "C" fn neg(x: i32) -> i32 { -x }
+            /// extern "C" fn abs(x: i32) -> i32 { x.abs() }
+            /// static KEYS: [StaticCall<extern "C" fn(i32) -> i32>; 2] =
+            ///     [StaticCall::new(neg), StaticCall::new(abs)];
+            /// let key = &KEYS[1];
+            /// assert_eq!(key.call(-3), 3);
+            /// ```
+            #[inline]
+            #[allow(clippy::too_many_arguments)]
+            pub fn call(&self, $($a: $A),*) -> R {
+                (self.query())($($a),*)
+            }
+        }
+
+        impl<R, $($A),*> StaticCall<unsafe extern "C" fn($($A),*) -> R> {
+            /// Calls the key's current target through a plain indirect call, for a key known
+            /// only at run time.
+            ///
+            /// # Safety
+            /// Whatever the key's function type requires of its callers.
+            #[inline]
+            #[allow(clippy::too_many_arguments)]
+            pub unsafe fn call(&self, $($a: $A),*) -> R {
+                // SAFETY: the caller upholds the target's contract.
+                unsafe { (self.query())($($a),*) }
+            }
+        }
+    };
+}
+
+impl_call!();
+impl_call!(A0 a0);
+impl_call!(A0 a0 A1 a1);
+impl_call!(A0 a0 A1 a1 A2 a2);
+impl_call!(A0 a0 A1 a1 A2 a2 A3 a3);
+impl_call!(A0 a0 A1 a1 A2 a2 A3 a3 A4 a4);
+impl_call!(A0 a0 A1 a1 A2 a2 A3 a3 A4 a4 A5 a5);
+impl_call!(A0 a0 A1 a1 A2 a2 A3 a3 A4 a4 A5 a5 A6 a6);
+impl_call!(A0 a0 A1 a1 A2 a2 A3 a3 A4 a4 A5 a5 A6 a6 A7 a7);
+impl_call!(A0 a0 A1 a1 A2 a2 A3 a3 A4 a4 A5 a5 A6 a6 A7 a7 A8 a8);
+impl_call!(A0 a0 A1 a1 A2 a2 A3 a3 A4 a4 A5 a5 A6 a6 A7 a7 A8 a8 A9 a9);
+impl_call!(A0 a0 A1 a1 A2 a2 A3 a3 A4 a4 A5 a5 A6 a6 A7 a7 A8 a8 A9 a9 A10 a10);
+impl_call!(A0 a0 A1 a1 A2 a2 A3 a3 A4 a4 A5 a5 A6 a6 A7 a7 A8 a8 A9 a9 A10 a10 A11 a11);
+impl_call!(
+    A0 a0 A1 a1 A2 a2 A3 a3 A4 a4 A5 a5 A6 a6 A7 a7 A8 a8 A9 a9 A10 a10 A11 a11 A12 a12
+);
+impl_call!(
+    A0 a0 A1 a1 A2 a2 A3 a3 A4 a4 A5 a5 A6 a6 A7 a7 A8 a8 A9 a9 A10 a10 A11 a11 A12 a12 A13 a13
+);
+
+/// What a key's type knows about calling it: a shim for each site, generic over the site.
+/// Implemented for `StaticCall<F>` (with the generic shims of [`Signature`]) and by
+/// `define_static_call!` for its key types (with shims written from the signature's tokens, so
+/// that borrowed arguments work).
+///
+/// # Safety
+/// `__shim::<S>()` must return a function of type `Fn` whose body is the site `S`, called with
+/// the function's arguments placed by System V.
+#[doc(hidden)]
+pub unsafe trait KeyShims {
+    type Fn: Copy;
+    fn __shim<S: Site>() -> Self::Fn;
+}
+
+// SAFETY: `Signature::__shim` is such a function.
+unsafe impl<F: Signature> KeyShims for StaticCall<F> {
+    type Fn = F;
+
+    #[inline(always)]
+    fn __shim<S: Site>() -> F {
+        F::__shim::<S>()
+    }
+}
+
 /// A key that is one particular `static`, as [`define_static_call!`] defines it. Generic code
 /// takes "some key with this signature" through this trait and calls it with
-/// `static_call!(K)(args)`; every monomorphised copy gets its own, patchable, call sites.
+/// `static_call!(<K>)(args)`; every monomorphised copy gets its own, patchable, call sites.
 ///
 /// ```
 /// use static_call::{StaticCallKey, define_static_call, static_call};
@@ -332,7 +684,7 @@ impl_signature!(
 /// extern "C" fn dec(x: u32) -> u32 { x - 1 }
 ///
 /// fn apply<K: StaticCallKey<Fn = extern "C" fn(u32) -> u32>>(x: u32) -> u32 {
-///     static_call!(K)(x)
+///     static_call!(<K>)(x)
 /// }
 /// assert_eq!(apply::<INC>(10), 11);
 /// assert_eq!(apply::<DEC>(10), 9);
@@ -346,9 +698,65 @@ impl_signature!(
 pub unsafe trait StaticCallKey: Sync + 'static {
     /// The key's function-pointer type.
     type Fn: Copy;
+    /// The class of the result: whether the key can be null or return zero.
+    #[doc(hidden)]
+    const __RESULT: Class;
+    /// Whether the result type is `ZeroableResult`.
+    #[doc(hidden)]
+    const __ZEROABLE: bool;
     /// The key itself.
     fn key() -> &'static StaticCall<Self::Fn>;
     /// A function of type `Fn` whose body is a call site of this key, distinct for every `U`.
     #[doc(hidden)]
     fn __site<U: crate::site::SiteId>() -> Self::Fn;
+    /// A function of type `Fn` that returns nothing, or zero.
+    #[doc(hidden)]
+    fn __zero() -> Self::Fn;
+
+    /// [`StaticCall::set_null`], for any key `define_static_call!` defines, including those whose
+    /// signature borrows. Using it on a key that returns a value fails to compile.
+    ///
+    /// ```
+    /// use static_call::{StaticCallKey, Target, define_static_call, static_call};
+    /// pub struct Event { pub id: u32 }
+    /// extern "C" fn trace(_: &Event) {}
+    /// define_static_call!(ON_EVENT: extern "C" fn(&Event) = trace);
+    ///
+    /// ON_EVENT.set_null();
+    /// static_call!(ON_EVENT)(&Event { id: 1 });
+    /// assert_eq!(ON_EVENT.target(), Target::Null);
+    /// ```
+    fn set_null(&self) {
+        expect_set(self.try_set_null());
+    }
+
+    /// [`StaticCall::try_set_null`], for any key `define_static_call!` defines.
+    fn try_set_null(&self) -> Result<(), Error> {
+        const {
+            assert!(
+                matches!(Self::__RESULT, Class::Void),
+                "set_null: only a key that returns () can have a null target"
+            )
+        };
+        // SAFETY: `__zero` returns nothing, and the assertion makes this a key returning ().
+        unsafe { Self::key().__try_set(Target::Null, Self::__zero()) }
+    }
+
+    /// [`StaticCall::set_return_zero`], for any key `define_static_call!` defines. Using it on a
+    /// key whose result cannot be zero fails to compile.
+    fn set_return_zero(&self) {
+        expect_set(self.try_set_return_zero());
+    }
+
+    /// [`StaticCall::try_set_return_zero`], for any key `define_static_call!` defines.
+    fn try_set_return_zero(&self) -> Result<(), Error> {
+        const {
+            assert!(
+                Self::__ZEROABLE,
+                "set_return_zero: the key's result type cannot be zero (or is not returned in rax)"
+            )
+        };
+        // SAFETY: `__zero` returns zero, a valid value of a `ZeroableResult` result.
+        unsafe { Self::key().__try_set(Target::ReturnZero, Self::__zero()) }
+    }
 }

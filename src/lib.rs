@@ -84,8 +84,8 @@ use patcher as imp;
 pub use diagnostics::{
     Disabled, Error, ErrorKind, Reason, SiteInfo, SiteState, Stats, Status, WorkerStatus,
 };
-pub use key::{Signature, StaticCall, StaticCallKey};
-pub use site::{Arg, RetVal};
+pub use key::{ReturnZero, Signature, StaticCall, StaticCallKey, Target};
+pub use site::{Arg, NoResult, RetVal, ZeroableResult};
 
 /// Blocks until every site queued so far has been patched or given up on.
 ///
@@ -190,25 +190,21 @@ pub fn trampoline_address() -> Option<usize> {
 /// Items the macros expand to. Not part of the API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::key::RawKey;
+    pub use crate::key::{KeyShims, RawKey};
     pub use crate::site::{
         Arg, Class, Cursor, Regs, Ret, RetVal, Site, SiteId, check_signature, site_id,
     };
     #[cfg(static_call_patching)]
     pub use crate::trampoline::trampoline;
 
-    use crate::{Signature, StaticCall};
-
     /// Whether call sites are asm blocks (true) or loads of the target (false).
     pub const PATCHING: bool = cfg!(static_call_patching);
 
-    /// The function a `static_call!(BASE.field)` expansion calls: the shim holding its site.
+    /// The function a `static_call!` expansion calls: the shim holding its site `S`, which binds
+    /// `key` (the argument only ties the site's type to the key's type).
     #[inline(always)]
-    pub fn field_site<S: Site, F: Signature>(key: &StaticCall<F>) -> F {
-        if PATCHING {
-            F::__shim::<S>()
-        } else {
-            key.query()
-        }
+    pub fn key_site<S: Site, K: KeyShims + ?Sized>(key: &K) -> K::Fn {
+        let _ = key;
+        K::__shim::<S>()
     }
 }

@@ -18,7 +18,7 @@ use core::sync::atomic::Ordering;
 
 use crate::arch::x86_64::{self as arch, Insn, PROLOGUE, SiteInsn, WORD};
 use crate::diagnostics::{Disabled, Error, ErrorKind, Reason, SiteInfo, SiteState, Status};
-use crate::key::{RawKey, Target};
+use crate::key::{RawKey, RawTarget};
 use crate::os::linux::{self, Write, WriteError};
 use crate::registry::{QUEUED, RETRY, SETTLED, Slot};
 use crate::runtime::{self, Runtime};
@@ -129,9 +129,11 @@ fn trampoline_insn(rt: &Runtime, site: usize) -> Insn {
 }
 
 /// What a LIVE site should hold for `target`, and why that is the trampoline if it is.
-fn desired(rt: &Runtime, site: usize, target: Target) -> (Insn, Option<Reason>) {
+fn desired(rt: &Runtime, site: usize, target: RawTarget) -> (Insn, Option<Reason>) {
     let what = match target {
-        Target::Call(f) => SiteInsn::Call(f as usize),
+        RawTarget::Call(f) => SiteInsn::Call(f as usize),
+        RawTarget::Null(_) => SiteInsn::Nop,
+        RawTarget::Ret0(_) => SiteInsn::Ret0,
     };
     match arch::encode(site, what) {
         Some(insn) => (insn, None),
@@ -171,7 +173,7 @@ fn verify(rt: &Runtime, site: usize, key: &RawKey) -> Result<u64, Reason> {
 
 /// Iterates over a key's list of LIVE sites.
 fn list<'a>(rt: &'a Runtime, key: &RawKey, _: &Locked) -> impl Iterator<Item = (u32, &'a Slot)> {
-    let mut next = key.sites.load(Ordering::Relaxed) as u32;
+    let mut next = key.head();
     core::iter::from_fn(move || {
         let index = next.checked_sub(1)?;
         let slot = rt.registry.slot(index);
@@ -182,9 +184,8 @@ fn list<'a>(rt: &'a Runtime, key: &RawKey, _: &Locked) -> impl Iterator<Item = (
 
 fn link(rt: &Runtime, key: &RawKey, index: u32, _: &Locked) {
     let slot = rt.registry.slot(index);
-    slot.next
-        .store(key.sites.load(Ordering::Relaxed) as u32, Ordering::Relaxed);
-    key.sites.store(index as usize + 1, Ordering::Relaxed);
+    slot.next.store(key.head(), Ordering::Relaxed);
+    key.set_head(index + 1);
 }
 
 /// Patches every queued site (and those waiting in RETRY). The worker's job; `flush` does it too.
@@ -316,11 +317,11 @@ fn write(rt: &Runtime, plan: &mut [Planned]) -> Result<(), WriteError> {
 }
 
 /// Points `key` at `target` and rewrites its sites; see `StaticCall::try_update`.
-pub(crate) fn update(key: &RawKey, target: Target) -> Result<(), Error> {
+pub(crate) fn update(key: &RawKey, target: RawTarget) -> Result<(), Error> {
     let locked = lock();
     let Some(rt) = runtime::get() else {
         // No site has ever been registered: only the trampoline path exists.
-        key.func.store(target.func() as *mut (), Ordering::Release);
+        key.set_target(target);
         return Ok(());
     };
     let mut plan = Vec::new();
@@ -365,10 +366,8 @@ pub(crate) fn update(key: &RawKey, target: Target) -> Result<(), Error> {
         });
     }
 
-    let old = key.func.load(Ordering::Relaxed);
-    // Release: a thread that reads the new target through the trampoline sees the target's
-    // code and data as the updater published them.
-    key.func.store(target.func() as *mut (), Ordering::Release);
+    let old = key.target();
+    key.set_target(target);
     let result = write(rt, &mut plan);
     let first_required = plan.iter().find(|p| p.required).map(|p| p.write.addr);
     match result {
@@ -377,7 +376,7 @@ pub(crate) fn update(key: &RawKey, target: Target) -> Result<(), Error> {
             match first_required {
                 // Nothing was written; the sites that call the old target directly still do.
                 Some(site) => {
-                    key.func.store(old, Ordering::Release);
+                    key.set_target(old);
                     Err(Error {
                         site: Some(site),
                         kind: ErrorKind::WriteRefused { errno },
@@ -409,7 +408,7 @@ pub(crate) fn update(key: &RawKey, target: Target) -> Result<(), Error> {
 }
 
 /// Undoes the writes of a failed update and restores the old target.
-fn roll_back(rt: &Runtime, key: &RawKey, old: *mut (), plan: &mut [Planned]) {
+fn roll_back(rt: &Runtime, key: &RawKey, old: RawTarget, plan: &mut [Planned]) {
     let mut undo: Vec<Planned> = plan
         .iter()
         .filter(|p| p.write.done)
@@ -425,7 +424,7 @@ fn roll_back(rt: &Runtime, key: &RawKey, old: *mut (), plan: &mut [Planned]) {
             reason: None,
         })
         .collect();
-    key.func.store(old, Ordering::Release);
+    key.set_target(old);
     let _ = write(rt, &mut undo);
     for p in &undo {
         let slot = rt.registry.slot(p.index);

@@ -76,9 +76,11 @@ pub enum Class {
 ///
 /// # Safety
 /// `invoke` must call the target of the key it binds, with the registers in `regs` as its
-/// arguments, under the System V ABI.
+/// arguments, under the System V ABI, and `key` must return that key.
 #[doc(hidden)]
 pub unsafe trait Site {
+    /// The key the site binds. The portable fallback calls its target from here.
+    fn key() -> &'static crate::key::RawKey;
     /// # Safety
     /// `regs` must hold valid arguments for the key's signature in their System V registers.
     unsafe fn invoke(regs: Regs) -> Ret;
@@ -115,11 +117,43 @@ pub unsafe trait Arg: Sized {
 pub unsafe trait RetVal: Sized {
     #[doc(hidden)]
     const CLASS: Class;
+    /// Whether `Self` is `ZeroableResult`.
+    #[doc(hidden)]
+    const ZEROABLE: bool = false;
     /// # Safety
     /// `ret` must come from a call to a function whose result type is `Self`.
     #[doc(hidden)]
     unsafe fn __from_ret(ret: Ret) -> Self;
+    /// What a key with no target, or set to return zero, returns: nothing or zero. For a type
+    /// that cannot be zero (references, `NonNull`, function pointers) it aborts; such keys cannot
+    /// be given those targets, so it is never reached.
+    #[doc(hidden)]
+    fn __zero() -> Self;
 }
+
+/// A result type a key can be set to return zero with
+/// ([`set_return_zero`](crate::StaticCall::set_return_zero)): zero is a valid value of it, and it
+/// comes back in rax, which a patched site zeroes with `xor eax, eax`.
+///
+/// # Safety
+/// All-zero bits must be a valid `Self`, returned in rax.
+#[diagnostic::on_unimplemented(
+    message = "a key returning `{Self}` cannot be set to return zero",
+    label = "`{Self}` is never zero, or is not returned in rax",
+    note = "return-zero works for integers, bool, char, raw pointers, Option<&T>, Option<NonNull<T>> and Option<fn>; a key returning () can be set to null instead"
+)]
+pub unsafe trait ZeroableResult: RetVal {}
+
+/// The result type of a key that can have no target
+/// ([`set_null`](crate::StaticCall::set_null)): `()`.
+#[diagnostic::on_unimplemented(
+    message = "a key returning `{Self}` cannot have a null target",
+    label = "only keys returning () can do nothing",
+    note = "a key returning an integer, bool or pointer can be set to return zero instead"
+)]
+pub trait NoResult: RetVal {}
+
+impl NoResult for () {}
 
 /// Stores `v` in the low bytes of a register image; the bytes above are left undefined, which
 /// is what System V allows for 32- and 64-bit values and what costs no instruction.
@@ -160,9 +194,10 @@ fn put_xmm(regs: &mut Regs, cursor: &mut Cursor, v: MaybeUninit<Xmm>) {
 }
 
 /// Integer-class types whose upper register bytes may be anything (32 and 64 bits wide).
+/// `zero` marks those for which all-zero bits are a valid value; `never` those that are never
+/// zero (references, `NonNull`, function pointers).
 macro_rules! int_class_wide {
-    ($($(#[$m:meta])* [$($g:tt)*] $t:ty),* $(,)?) => {$(
-        $(#[$m])*
+    ($($kind:ident [$($g:tt)*] $t:ty),* $(,)?) => {$(
         // SAFETY: INTEGER class, passed in the next general-purpose register; System V leaves
         // the bits above a 32-bit value undefined, so writing only the low bytes is enough.
         unsafe impl<$($g)*> Arg for $t {
@@ -176,13 +211,33 @@ macro_rules! int_class_wide {
         // low bytes hold a valid value.
         unsafe impl<$($g)*> RetVal for $t {
             const CLASS: Class = Class::Int;
+            const ZEROABLE: bool = int_class_wide!(@zeroable_const $kind);
             #[inline(always)]
             unsafe fn __from_ret(ret: Ret) -> Self {
                 // SAFETY: see the impl comment.
                 unsafe { read_low(ret.rax) }
             }
+            fn __zero() -> Self {
+                int_class_wide!(@zero $kind)
+            }
         }
+        int_class_wide!(@zeroable $kind [$($g)*] $t);
     )*};
+    (@zero zero) => {
+        // SAFETY: `zero` types are valid when all-zero (checked by `ZeroableResult` below).
+        unsafe { core::mem::zeroed() }
+    };
+    (@zero never) => {
+        // Unreachable: only keys whose result is `ZeroableResult` get a zero target.
+        std::process::abort()
+    };
+    (@zeroable zero [$($g:tt)*] $t:ty) => {
+        // SAFETY: all-zero bits are a valid value (0, null, None), returned in rax.
+        unsafe impl<$($g)*> ZeroableResult for $t {}
+    };
+    (@zeroable never [$($g:tt)*] $t:ty) => {};
+    (@zeroable_const zero) => { true };
+    (@zeroable_const never) => { false };
 }
 
 /// Integer-class types narrower than 32 bits: callers extend them to 32 bits (zero for unsigned
@@ -200,12 +255,18 @@ macro_rules! int_class_narrow {
         // SAFETY: the value is in the low bytes of rax.
         unsafe impl RetVal for $t {
             const CLASS: Class = Class::Int;
+            const ZEROABLE: bool = true;
             #[inline(always)]
             unsafe fn __from_ret(ret: Ret) -> Self {
                 // SAFETY: see the impl comment; every bit pattern is a valid integer.
                 unsafe { read_low(ret.rax) }
             }
+            fn __zero() -> Self {
+                0
+            }
         }
+        // SAFETY: zero is a valid integer, returned in rax.
+        unsafe impl ZeroableResult for $t {}
     )*};
 }
 
@@ -223,34 +284,40 @@ unsafe impl Arg for bool {
 // SAFETY: see the Arg impl.
 unsafe impl RetVal for bool {
     const CLASS: Class = Class::Int;
+    const ZEROABLE: bool = true;
     #[inline(always)]
     unsafe fn __from_ret(ret: Ret) -> Self {
         // SAFETY: an `extern "C"` function returning bool leaves 0 or 1 in al.
         unsafe { read_low(ret.rax) }
     }
+    fn __zero() -> Self {
+        false
+    }
 }
+// SAFETY: zero is `false`, returned in al.
+unsafe impl ZeroableResult for bool {}
 
 int_class_wide!(
-    [] u32, [] i32, [] u64, [] i64, [] usize, [] isize, [] char,
-    [T] *const T, [T] *mut T,
-    ['a, T] &'a T, ['a, T] &'a mut T,
-    [T] core::ptr::NonNull<T>,
-    ['a, T] Option<&'a T>, ['a, T] Option<&'a mut T>,
-    [T] Option<core::ptr::NonNull<T>>,
+    zero [] u32, zero [] i32, zero [] u64, zero [] i64, zero [] usize, zero [] isize, zero [] char,
+    zero [T] *const T, zero [T] *mut T,
+    never ['a, T] &'a T, never ['a, T] &'a mut T,
+    never [T] core::ptr::NonNull<T>,
+    zero ['a, T] Option<&'a T>, zero ['a, T] Option<&'a mut T>,
+    zero [T] Option<core::ptr::NonNull<T>>,
 );
 
 /// Function pointers are pointers: INTEGER class.
 macro_rules! int_class_fn_ptrs {
     ($($A:ident)*) => {
         int_class_wide!(
-            [R, $($A),*] extern "C" fn($($A),*) -> R,
-            [R, $($A),*] unsafe extern "C" fn($($A),*) -> R,
-            [R, $($A),*] fn($($A),*) -> R,
-            [R, $($A),*] unsafe fn($($A),*) -> R,
-            [R, $($A),*] Option<extern "C" fn($($A),*) -> R>,
-            [R, $($A),*] Option<unsafe extern "C" fn($($A),*) -> R>,
-            [R, $($A),*] Option<fn($($A),*) -> R>,
-            [R, $($A),*] Option<unsafe fn($($A),*) -> R>,
+            never [R, $($A),*] extern "C" fn($($A),*) -> R,
+            never [R, $($A),*] unsafe extern "C" fn($($A),*) -> R,
+            never [R, $($A),*] fn($($A),*) -> R,
+            never [R, $($A),*] unsafe fn($($A),*) -> R,
+            zero [R, $($A),*] Option<extern "C" fn($($A),*) -> R>,
+            zero [R, $($A),*] Option<unsafe extern "C" fn($($A),*) -> R>,
+            zero [R, $($A),*] Option<fn($($A),*) -> R>,
+            zero [R, $($A),*] Option<unsafe fn($($A),*) -> R>,
         );
     };
 }
@@ -281,6 +348,11 @@ macro_rules! float_class {
                 // SAFETY: every bit pattern is a valid float.
                 unsafe { read_low(ret.xmm0) }
             }
+            fn __zero() -> Self {
+                // Unreachable: a patched `xor eax, eax` would not zero xmm0, so float keys are
+                // not `ZeroableResult`.
+                std::process::abort()
+            }
         }
     )*};
 }
@@ -291,6 +363,7 @@ unsafe impl RetVal for () {
     const CLASS: Class = Class::Void;
     #[inline(always)]
     unsafe fn __from_ret(_: Ret) -> Self {}
+    fn __zero() -> Self {}
 }
 
 /// Checks, at compile time, that a signature's arguments fit in registers. Called from a
@@ -320,11 +393,13 @@ pub const fn check_signature(args: &[Class]) {
     }
 }
 
-/// The body of every shim: place the arguments, run the site, read the result.
+/// The body of every shim: place the arguments, run the site, read the result. (`$target` is
+/// for the fallback, below.)
+#[cfg(static_call_patching)]
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __shim_body {
-    ($site:ty, $ret:ty; $($a:ident),*) => {{
+    ($site:ty, $ret:ty, $target:expr; $($a:ident),*) => {{
         #[allow(unused_mut)]
         let mut regs = $crate::__private::Regs::UNINIT;
         #[allow(unused_mut, unused_variables)]
@@ -335,6 +410,23 @@ macro_rules! __shim_body {
         let ret = unsafe { <$site as $crate::__private::Site>::invoke(regs) };
         // SAFETY: `ret` comes from a call to a function whose result type is `$ret`.
         unsafe { <$ret as $crate::__private::RetVal>::__from_ret(ret) }
+    }};
+}
+
+/// The portable fallback's shim body: call `$target`, the key's current target loaded now, so
+/// that a `static_call!(KEY)` kept as a function pointer follows `update` as a patched site does.
+#[cfg(not(static_call_patching))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __shim_body {
+    ($site:ty, $ret:ty, $target:expr; $($a:ident),*) => {{
+        let target = $target;
+        #[allow(unused_unsafe)]
+        // SAFETY: calling the key's target is what the shim's caller asked for; for an `unsafe`
+        // key, the caller's `unsafe` block vouches for it.
+        unsafe {
+            target($($a),*)
+        }
     }};
 }
 
@@ -402,13 +494,15 @@ macro_rules! __site_asm {
 }
 
 /// Without patching there is no asm site: calls load the key's target instead (see
-/// `fallback.rs`), so `invoke` is never reached.
+/// `fallback.rs`), so `invoke` is never reached. The key's offset is still evaluated as a
+/// constant, so that naming a run-time key (a local) is the same compile error everywhere.
 #[cfg(not(static_call_patching))]
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __site_asm {
     ($base:path, $off:expr, $id:expr, $regs:expr) => {{
         let _ = $regs;
+        let _: usize = const { $off };
         ::core::unreachable!("static_call: call sites are not compiled on this platform")
     }};
 }

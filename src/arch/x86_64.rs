@@ -32,11 +32,22 @@ pub const WORD: usize = 8;
 /// Five bytes of code.
 pub type Insn = [u8; INSN_LEN];
 
+/// `nopl 0x0(%rax,%rax,1)`: what a site of a key with no target becomes.
+pub const NOP5: Insn = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+/// `cs cs cs xor eax, eax`: one instruction that returns 0 in rax (a 32-bit `xor` clears the
+/// upper half too), for a key set to return zero. The redundant prefixes pad it to five bytes,
+/// as the kernel does: it must stay one instruction.
+pub const RET0: Insn = [0x2e, 0x2e, 0x2e, 0x31, 0xc0];
+
 /// What a site's five bytes do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SiteInsn {
     /// `call dest`.
     Call(usize),
+    /// Nothing (a key with no target).
+    Nop,
+    /// `rax = 0` (a key that returns zero).
+    Ret0,
 }
 
 /// The one table of transforms: the bytes that make the site at `site` do `what`, or `None` if
@@ -49,6 +60,8 @@ pub fn encode(site: usize, what: SiteInsn) -> Option<Insn> {
             let r = rel.to_le_bytes();
             Some([0xe8, r[0], r[1], r[2], r[3]])
         }
+        SiteInsn::Nop => Some(NOP5),
+        SiteInsn::Ret0 => Some(RET0),
     }
 }
 
@@ -212,6 +225,22 @@ mod tests {
         let near_low = site + 5 - (1usize << 31);
         assert!(encode(site, SiteInsn::Call(near_low)).is_some());
         assert_eq!(encode(site, SiteInsn::Call(near_low - 1)), None);
+    }
+
+    #[test]
+    fn nop_and_ret0_are_single_five_byte_instructions() {
+        for (insn, mnemonic) in [(NOP5, Mnemonic::Nop), (RET0, Mnemonic::Xor)] {
+            let decoded =
+                decode_one(&insn, 0x1000).expect("one instruction spanning all five bytes");
+            assert_eq!(decoded.mnemonic(), mnemonic);
+        }
+        let xor = decode_one(&RET0, 0).unwrap();
+        assert_eq!(
+            (xor.op0_register(), xor.op1_register()),
+            (Register::EAX, Register::EAX)
+        );
+        assert_eq!(encode(0x5000, SiteInsn::Nop), Some(NOP5));
+        assert_eq!(encode(0x5000, SiteInsn::Ret0), Some(RET0));
     }
 
     #[test]
