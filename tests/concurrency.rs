@@ -131,9 +131,9 @@ fn no_call_after_update_returns_reaches_an_older_target() {
     // pointer the key holds.
     let current = HOT.query();
     assert_eq!(current(5), TARGETS[(updates % 3) as usize](5));
-    let sites = HOT.sites();
-    assert_eq!(sites.len(), 4, "{sites:?}");
     if common::patching() {
+        let sites = HOT.sites();
+        assert_eq!(sites.len(), 4, "{sites:?}");
         for s in sites {
             assert_eq!(s.state, SiteState::Patched);
             common::assert_calls(s.address, current as usize, "the last target");

@@ -12,8 +12,8 @@ mod common;
 
 use std::hint::black_box;
 
-use common::{addr, assert_calls, call_target, only_site, patching, trampoline};
-use static_call::{Reason, SiteState, StaticCall, define_static_call, static_call};
+use common::{addr, assert_calls, only_site, patching, trampoline};
+use static_call::{SiteState, StaticCall, define_static_call, static_call};
 
 extern "C" fn add(a: i64, b: i64) -> i64 {
     a + b
@@ -295,17 +295,19 @@ fn a_site_reached_with_two_keys_is_never_patched_and_always_calls_the_right_targ
         assert!(
             matches!(
                 s.state,
-                SiteState::Trampoline(Reason::KeyNotProven | Reason::NotASite)
+                SiteState::Trampoline(
+                    static_call::Reason::KeyNotProven | static_call::Reason::NotASite
+                )
             ),
             "{s:?}"
         );
     }
     let aligned = hand_made
         .iter()
-        .find(|s| s.state == SiteState::Trampoline(Reason::KeyNotProven));
+        .find(|s| s.state == SiteState::Trampoline(static_call::Reason::KeyNotProven));
     let aligned =
         aligned.expect("the `call rel32` site is recognised as a site without a proven key");
-    assert_eq!(call_target(aligned.address), Some(trampoline()));
+    assert_eq!(common::call_target(aligned.address), Some(trampoline()));
 }
 
 #[test]

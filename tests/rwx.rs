@@ -51,7 +51,7 @@ fn code_pages_keep_exec_and_none_is_left_writable() {
     assert_eq!(sites(1), 6);
     static_call::flush();
     let addresses: Vec<usize> = PROT.sites().iter().map(|s| s.address).collect();
-    assert_eq!(addresses.len(), 3);
+    assert_eq!(addresses.len(), if common::patching() { 3 } else { 0 });
 
     // While one thread updates as fast as it can and another keeps running the patched code,
     // sample the mappings that hold the sites: they must always be executable.
@@ -65,7 +65,7 @@ fn code_pages_keep_exec_and_none_is_left_writable() {
         });
         let sampler = s.spawn(|| {
             let mut samples = 0;
-            while !stop.load(Ordering::Relaxed) {
+            loop {
                 for m in mappings() {
                     if addresses.iter().any(|&a| m.start <= a && a < m.end) {
                         assert!(
@@ -76,8 +76,10 @@ fn code_pages_keep_exec_and_none_is_left_writable() {
                     }
                 }
                 samples += 1;
+                if stop.load(Ordering::Relaxed) {
+                    break samples;
+                }
             }
-            samples
         });
         for i in 0..UPDATES {
             PROT.update(if i % 2 == 0 { two } else { one });

@@ -141,3 +141,50 @@ pub fn disassemble(func: usize, len: usize) -> String {
     }
     out
 }
+
+/// Flushes, then checks that every registered site of a key (`key.sites()`, taken after the
+/// flush) is patched and calls `target` (the key's `query()`). Nothing to check in the fallback.
+#[track_caller]
+pub fn assert_sites_call(
+    sites: impl Fn() -> Vec<static_call::SiteInfo>,
+    target: usize,
+    what: &str,
+) {
+    if !patching() {
+        return;
+    }
+    static_call::flush();
+    let sites = sites();
+    assert!(!sites.is_empty(), "no site registered");
+    for s in &sites {
+        assert_eq!(s.state, static_call::SiteState::Patched, "{s:?}");
+        assert_calls(s.address, target, what);
+    }
+}
+
+/// Flushes, then checks that every registered site of a key holds exactly `bytes` (a NOP or
+/// `xor eax, eax`).
+#[track_caller]
+pub fn assert_sites_hold(
+    sites: impl Fn() -> Vec<static_call::SiteInfo>,
+    bytes: [u8; 5],
+    what: &str,
+) {
+    if !patching() {
+        return;
+    }
+    static_call::flush();
+    let sites = sites();
+    assert!(!sites.is_empty(), "no site registered");
+    for s in &sites {
+        assert_eq!(s.state, static_call::SiteState::Patched, "{s:?}");
+        let insn = decode(s.address);
+        assert_eq!(
+            (read(s.address, 5), insn.len()),
+            (bytes.to_vec(), 5),
+            "site {:#x} should be `{what}` but is `{}`",
+            s.address,
+            format(&insn)
+        );
+    }
+}
