@@ -31,6 +31,14 @@ pub enum Disabled {
     },
     /// [`unpatch_all`](crate::unpatch_all) returned every site to the trampoline.
     Unpatched,
+    /// A seccomp filter was active when the library initialised. Some filters kill the process
+    /// on `membarrier` or `mprotect(PROT_EXEC)`, so patching stays off unless
+    /// `STATIC_CALL_SECCOMP=allow` says the filter permits both.
+    Seccomp,
+    /// Running under valgrind, which keeps executing its old translation of a rewritten site
+    /// unless run with `--smc-check=all`. `STATIC_CALL_VALGRIND=patch` patches anyway (for runs
+    /// with that flag).
+    Valgrind,
 }
 
 impl fmt::Display for Disabled {
@@ -54,6 +62,12 @@ impl fmt::Display for Disabled {
             Disabled::Unpatched => {
                 f.write_str("unpatch_all() returned every site to the trampoline")
             }
+            Disabled::Seccomp => f.write_str(
+                "a seccomp filter is active (set STATIC_CALL_SECCOMP=allow if it permits mprotect and membarrier)",
+            ),
+            Disabled::Valgrind => f.write_str(
+                "running under valgrind (set STATIC_CALL_VALGRIND=patch if it runs with --smc-check=all)",
+            ),
         }
     }
 }
@@ -240,6 +254,8 @@ impl Disabled {
             Disabled::ObjectNotFound => (4, 0),
             Disabled::WriteRefused { errno } => (5, errno),
             Disabled::Unpatched => (6, 0),
+            Disabled::Seccomp => (7, 0),
+            Disabled::Valgrind => (8, 0),
         };
         (tag << 8) | errno.clamp(0, 255) as u16
     }
@@ -253,6 +269,8 @@ impl Disabled {
             4 => Disabled::ObjectNotFound,
             5 => Disabled::WriteRefused { errno },
             6 => Disabled::Unpatched,
+            7 => Disabled::Seccomp,
+            8 => Disabled::Valgrind,
             _ => return None,
         })
     }

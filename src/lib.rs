@@ -197,6 +197,15 @@ pub mod __private {
     #[cfg(static_call_patching)]
     pub use crate::trampoline::trampoline;
 
+    /// The site verifier, for property tests: see `arch::x86_64::prove_site`.
+    #[cfg(static_call_patching)]
+    pub fn prove_site(code: &[u8], start: u64, trampoline: u64) -> Result<u64, crate::Reason> {
+        crate::arch::x86_64::prove_site(code, start, trampoline)
+    }
+    /// Bytes before the `call` that `prove_site` reads.
+    #[cfg(static_call_patching)]
+    pub const SITE_PROLOGUE: usize = crate::arch::x86_64::PROLOGUE;
+
     /// Whether call sites are asm blocks (true) or loads of the target (false).
     pub const PATCHING: bool = cfg!(static_call_patching);
 

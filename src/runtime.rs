@@ -21,6 +21,10 @@ use crate::{trampoline, worker};
 pub(crate) const ENV_DISABLE: &str = "STATIC_CALL_DISABLE";
 /// Environment variable that sets the registry's capacity (number of sites).
 pub(crate) const ENV_MAX_SITES: &str = "STATIC_CALL_MAX_SITES";
+/// `allow`: patch even though a seccomp filter is active (it permits mprotect and membarrier).
+pub(crate) const ENV_SECCOMP: &str = "STATIC_CALL_SECCOMP";
+/// `patch`: patch even under valgrind (which then needs `--smc-check=all`).
+pub(crate) const ENV_VALGRIND: &str = "STATIC_CALL_VALGRIND";
 
 /// The parts of the runtime that never change once built.
 pub(crate) struct Runtime {
@@ -128,6 +132,10 @@ fn env_flag(name: &str) -> bool {
     std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0")
 }
 
+fn env_is(name: &str, value: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| v == value)
+}
+
 fn build() -> Runtime {
     let page = linux::page_size();
     let trampoline = trampoline::address();
@@ -138,6 +146,12 @@ fn build() -> Runtime {
     let object = linux::find_object(trampoline, page);
     if env_flag(ENV_DISABLE) {
         disable(Disabled::EnvVar);
+    }
+    if linux::seccomp_filtered() && !env_is(ENV_SECCOMP, "allow") {
+        disable(Disabled::Seccomp);
+    }
+    if linux::running_on_valgrind() && !env_is(ENV_VALGRIND, "patch") {
+        disable(Disabled::Valgrind);
     }
     match &object {
         None => disable(Disabled::ObjectNotFound),

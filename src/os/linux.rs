@@ -76,6 +76,43 @@ pub(crate) fn futex_wake(word: &AtomicU32, n: i32) {
     }
 }
 
+/// Whether a seccomp filter (or strict mode) applies to this thread, from /proc/self/status.
+pub(crate) fn seccomp_filtered() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .is_some_and(|mode| mode.trim() != "0")
+    })
+}
+
+/// Whether the process runs under valgrind: valgrind's `RUNNING_ON_VALGRIND` client request. On
+/// a real CPU the magic sequence does nothing (four rotations of rdi by 128 bits in all, and
+/// `xchg rbx, rbx`) and rdx keeps its default, 0; valgrind recognises it and returns the number
+/// of valgrinds it runs under.
+pub(crate) fn running_on_valgrind() -> bool {
+    const VG_USERREQ_RUNNING_ON_VALGRIND: u64 = 0x1001;
+    let request: [u64; 6] = [VG_USERREQ_RUNNING_ON_VALGRIND, 0, 0, 0, 0, 0];
+    let mut result: u64 = 0;
+    // SAFETY: on hardware the block only rotates rdi back to its value (declared clobbered
+    // anyway) and exchanges rbx with itself; under valgrind it reads `request` through rax and
+    // writes rdx. No stack use.
+    unsafe {
+        core::arch::asm!(
+            "rol rdi, 3",
+            "rol rdi, 13",
+            "rol rdi, 61",
+            "rol rdi, 51",
+            "xchg rbx, rbx",
+            in("rax") request.as_ptr(),
+            inout("rdx") result,
+            inout("rdi") 0u64 => _,
+            options(nostack, preserves_flags),
+        );
+    }
+    result != 0
+}
+
 pub(crate) fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -314,6 +351,70 @@ pub(crate) fn stats() -> Stats {
     }
 }
 
+/// The code lock: one futex word shared by every copy of this crate linked into the same object
+/// (two semver-incompatible versions in one executable). Each copy has its own patch lock and
+/// registry, but they patch pages of the same text, and one copy's `mprotect` back to `r-x`
+/// would fault the other's write in progress. So every copy holds this lock while it has pages
+/// open for writing.
+///
+/// The copies find the same word without sharing a Rust symbol: each defines it as a hidden
+/// *common* symbol, which the linker (and the assembler, under fat LTO) merges into one. Hidden,
+/// so a shared library's copy has its own: its pages are its own too.
+///
+/// Its protocol is an ABI between crate versions and must never change (a new protocol needs a
+/// new name): 0 unlocked, 1 locked, 2 locked with waiters; lock by compare-exchange 0 → 1, else
+/// swap in 2 and `FUTEX_WAIT` while the swap returns non-zero; unlock by swapping in 0 and
+/// `FUTEX_WAKE`ing one waiter if the old value was 2.
+mod code_lock {
+    use core::sync::atomic::{AtomicU32, Ordering};
+
+    core::arch::global_asm!(
+        ".hidden static_call_code_lock_v1",
+        ".comm static_call_code_lock_v1, 4, 4"
+    );
+
+    unsafe extern "C" {
+        static static_call_code_lock_v1: AtomicU32;
+    }
+
+    fn word() -> &'static AtomicU32 {
+        // SAFETY: a 4-byte, 4-aligned zero-initialised common symbol, only ever accessed
+        // atomically, by every copy of this crate.
+        unsafe { &static_call_code_lock_v1 }
+    }
+
+    /// Held while code pages are writable.
+    pub(crate) struct Held(());
+
+    pub(crate) fn lock() -> Held {
+        let w = word();
+        // Acquire: the previous holder's writes (and page restores) happen before ours.
+        if w.compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            while w.swap(2, Ordering::Acquire) != 0 {
+                super::futex_wait(w, 2);
+            }
+        }
+        Held(())
+    }
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            // Release: our writes and restores happen before the next holder's.
+            if word().swap(0, Ordering::Release) == 2 {
+                super::futex_wake(word(), 1);
+            }
+        }
+    }
+
+    /// The lock word's address, for tests that check the copies share it.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn address() -> usize {
+        word() as *const AtomicU32 as usize
+    }
+}
+
 /// A run of contiguous pages opened for writing together.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Window {
@@ -379,6 +480,7 @@ pub(crate) fn write_batch(
     }
     writes.sort_unstable_by_key(|w| w.addr);
     let windows = windows(writes, exec, page);
+    let held = code_lock::lock();
     let opened_at = Instant::now();
     for (i, w) in windows.iter().enumerate() {
         if w.prot & libc::PROT_WRITE != 0 {
@@ -401,6 +503,7 @@ pub(crate) fn write_batch(
         written += w.done as u64;
     }
     restore(&windows);
+    drop(held);
     let rwx = opened_at.elapsed().as_nanos() as u64;
     STATS.rwx_nanos.fetch_add(rwx, Ordering::Relaxed);
     STATS.max_rwx_nanos.fetch_max(rwx, Ordering::Relaxed);
@@ -478,6 +581,24 @@ mod tests {
         let w = windows(&ws, &exec, page);
         assert_eq!(w.len(), 3);
         assert!(w.iter().all(|w| w.len <= MAX_WINDOW_PAGES * page));
+    }
+
+    #[test]
+    fn the_code_lock_is_a_real_word_and_not_held() {
+        let held = code_lock::lock();
+        drop(held);
+        let again = code_lock::lock();
+        drop(again);
+        assert_ne!(code_lock::address(), 0);
+    }
+
+    #[test]
+    fn not_under_valgrind_or_seccomp_here() {
+        // The unit tests do not run under valgrind or a seccomp filter in CI; the client request
+        // must answer 0 on hardware.
+        if std::env::var_os("STATIC_CALL_EXPECT_VALGRIND").is_none() {
+            assert!(!running_on_valgrind());
+        }
     }
 
     #[test]
