@@ -76,9 +76,13 @@ pub(crate) fn futex_wake(word: &AtomicU32, n: i32) {
     }
 }
 
-/// Whether a seccomp filter (or strict mode) applies to this thread, from /proc/self/status.
+/// Whether a seccomp filter (or strict mode) applies to the calling thread. Filters are per
+/// thread: the one that initialises the library is the one whose filters the worker inherits.
+/// (`/proc/self/status` would describe the main thread.)
 pub(crate) fn seccomp_filtered() -> bool {
-    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+    let status = std::fs::read_to_string("/proc/thread-self/status")
+        .or_else(|_| std::fs::read_to_string("/proc/self/status"));
+    status.is_ok_and(|status| {
         status
             .lines()
             .find_map(|l| l.strip_prefix("Seccomp:"))
