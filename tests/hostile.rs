@@ -1,0 +1,749 @@
+//! Hostile environments and unusual code: every way patching can be refused or subverted must
+//! leave calls correct, say why, and never write where it should not.
+//!
+//! Each scenario changes the whole process (W^X, seccomp, environment, signals, fork, hand-made
+//! code), so it runs in a child: this test binary runs again, filtered to one test, with
+//! `STATIC_CALL_SCENARIO` naming it; in the child the test body runs, in the parent the test
+//! only spawns the child (with a time limit) and checks that it passed.
+#![cfg(all(
+    target_arch = "x86_64",
+    target_os = "linux",
+    not(feature = "force-fallback")
+))]
+
+mod common;
+
+use std::io;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{assert_calls, decode, trampoline};
+use static_call::{
+    Disabled, ErrorKind, Reason, SiteState, WorkerStatus, define_static_call, static_call,
+};
+
+const SCENARIO_ENV: &str = "STATIC_CALL_SCENARIO";
+/// How long a child may take before it counts as hung (a deadlock).
+const CHILD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Defines a test that runs `$body` in a child process with the environment `$env`.
+macro_rules! scenario {
+    ($(#[$m:meta])* fn $name:ident() $(env [$($k:literal = $v:literal),* $(,)?])? $body:block) => {
+        $(#[$m])*
+        #[test]
+        fn $name() {
+            if std::env::var(SCENARIO_ENV).as_deref() == Ok(stringify!($name)) {
+                $body
+                println!("scenario {} passed", stringify!($name));
+                return;
+            }
+            run_in_child(stringify!($name), &[$($(($k, $v)),*)?]);
+        }
+    };
+}
+
+fn run_in_child(name: &str, env: &[(&str, &str)]) {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(SCENARIO_ENV, name);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = out.id();
+    let deadline = Instant::now() + CHILD_TIMEOUT;
+    let watchdog = std::thread::spawn(move || {
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            // SAFETY: kill(pid, 0) only checks the process exists.
+            if unsafe { libc::kill(pid as i32, 0) } != 0 {
+                return false;
+            }
+        }
+        // SAFETY: the child is ours.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        true
+    });
+    let out = out.wait_with_output().unwrap();
+    let timed_out = watchdog.join().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !timed_out,
+        "scenario {name} hung (deadlock?):\n{stdout}\n{stderr}"
+    );
+    assert!(
+        out.status.success() && stdout.contains(&format!("scenario {name} passed")),
+        "scenario {name} failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+}
+
+// --- what the scenarios call ---------------------------------------------------------------
+
+extern "C" fn inc(x: u64) -> u64 {
+    x + 1
+}
+extern "C" fn dbl(x: u64) -> u64 {
+    x * 2
+}
+
+define_static_call!(K: extern "C" fn(u64) -> u64 = inc);
+
+/// Two sites: with `inc` it returns 2x + 3, with `dbl` 4x + 2.
+#[inline(never)]
+fn two_sites(x: u64) -> u64 {
+    static_call!(K)(x) + static_call!(K)(x + 1)
+}
+
+#[inline(never)]
+fn another_site(x: u64) -> u64 {
+    static_call!(K)(x)
+}
+
+fn site_addresses() -> Vec<usize> {
+    K.sites().iter().map(|s| s.address).collect()
+}
+
+fn rwx_mappings() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|p| p.starts_with("rwx"))
+        })
+        .map(String::from)
+        .collect()
+}
+
+const PR_SET_MDWE: i32 = 65;
+const PR_MDWE_REFUSE_EXEC_GAIN: u64 = 1;
+
+/// Forbids gaining execute permission for the rest of the process (W^X, as hardened services
+/// do). False if the kernel does not know MDWE.
+fn set_mdwe() -> bool {
+    // SAFETY: prctl with integer arguments.
+    let r = unsafe { libc::prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0u64, 0u64, 0u64) };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::EINVAL),
+            "prctl(PR_SET_MDWE): {e}"
+        );
+        println!("note: this kernel has no MDWE; the scenario checks nothing more");
+    }
+    r == 0
+}
+
+/// Installs a seccomp filter on this thread (and the threads it creates) that makes each listed
+/// system call fail with the given errno and allows everything else.
+fn install_seccomp(deny: &[(i64, i32)]) {
+    #[repr(C)]
+    struct SockFilter {
+        code: u16,
+        jt: u8,
+        jf: u8,
+        k: u32,
+    }
+    #[repr(C)]
+    struct SockFprog {
+        len: u16,
+        filter: *const SockFilter,
+    }
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    const RET_ERRNO: u32 = 0x0005_0000;
+    let mut prog = vec![SockFilter {
+        code: LD_W_ABS,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }];
+    for &(nr, errno) in deny {
+        prog.push(SockFilter {
+            code: JEQ_K,
+            jt: 0,
+            jf: 1,
+            k: nr as u32,
+        });
+        prog.push(SockFilter {
+            code: RET_K,
+            jt: 0,
+            jf: 0,
+            k: RET_ERRNO | errno as u32,
+        });
+    }
+    prog.push(SockFilter {
+        code: RET_K,
+        jt: 0,
+        jf: 0,
+        k: RET_ALLOW,
+    });
+    let fprog = SockFprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr(),
+    };
+    // SAFETY: prctl with a valid, live filter program.
+    unsafe {
+        assert_eq!(
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1u64, 0u64, 0u64, 0u64),
+            0
+        );
+        assert_eq!(
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER as u64,
+                &fprog as *const SockFprog
+            ),
+            0,
+            "{}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+fn assert_all_on_trampoline(why: Reason) {
+    let sites = K.sites();
+    assert!(!sites.is_empty());
+    for s in sites {
+        assert_eq!(s.state, SiteState::Trampoline(why), "{s:?}");
+        assert_calls(s.address, trampoline(), "trampoline");
+    }
+}
+
+fn assert_all_patched() {
+    let sites = K.sites();
+    assert!(!sites.is_empty());
+    for s in sites {
+        assert_eq!(s.state, SiteState::Patched, "{s:?}");
+        assert_calls(s.address, K.query() as usize, "the key's target");
+    }
+}
+
+// --- code that cannot be written -----------------------------------------------------------
+
+scenario! {
+    /// W^X enforced before the first call: every call and update stays correct through the
+    /// trampoline, each site says why, mprotect is tried once (not on every call), and no
+    /// writable-executable mapping ever appears.
+    fn mdwe_before_the_first_call() {
+        if !set_mdwe() {
+            return;
+        }
+        assert_eq!(two_sites(1), 5);
+        static_call::flush();
+        let refused = Disabled::WriteRefused { errno: libc::EACCES };
+        assert_eq!(static_call::status().patching, Err(refused));
+        assert_all_on_trampoline(Reason::Disabled(refused));
+        let attempts = static_call::stats().mprotects;
+        assert!(attempts <= 1, "one refused attempt at most: {attempts}");
+        for x in 0..10_000 {
+            assert_eq!(two_sites(x), 2 * x + 3);
+        }
+        assert_eq!(another_site(1), 2);
+        static_call::flush();
+        K.update(dbl);
+        assert_eq!(two_sites(1), 6);
+        assert_eq!(another_site(1), 2);
+        assert_all_on_trampoline(Reason::Disabled(refused));
+        assert_eq!(static_call::stats().mprotects, attempts, "no retries");
+        assert_eq!(rwx_mappings(), Vec::<String>::new());
+    }
+}
+
+scenario! {
+    /// W^X enforced after sites were patched: they can no longer be rewritten, so `update` fails
+    /// as a whole and changes nothing: the key, the patched sites and the trampoline path all
+    /// keep the old target.
+    fn mdwe_after_patching_makes_update_all_or_nothing() {
+        assert_eq!(two_sites(1), 5);
+        static_call::flush();
+        assert_all_patched();
+        let before: Vec<_> = site_addresses().iter().map(|&a| decode(a).near_branch64()).collect();
+        if !set_mdwe() {
+            return;
+        }
+        let err = K.try_update(dbl).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::WriteRefused { errno: libc::EACCES }, "{err}");
+        assert!(err.site.is_some());
+        assert_eq!(K.query()(1), 2, "the key keeps its old target");
+        let after: Vec<_> = site_addresses().iter().map(|&a| decode(a).near_branch64()).collect();
+        assert_eq!(before, after, "no site changed");
+        assert_eq!(two_sites(1), 5);
+        // A fresh site goes through the trampoline, to the same (old) target.
+        assert_eq!(another_site(1), 2);
+        assert!(K.try_update(dbl).is_err(), "and again, without crashing");
+        assert_eq!(two_sites(1), 5);
+    }
+}
+
+scenario! {
+    /// Returning every site to the trampoline before sandboxing keeps `update` working after.
+    fn unpatch_all_before_mdwe_keeps_update_working() {
+        assert_eq!(two_sites(1), 5);
+        static_call::flush();
+        assert_all_patched();
+        static_call::unpatch_all().unwrap();
+        assert_all_on_trampoline(Reason::Disabled(Disabled::Unpatched));
+        if !set_mdwe() {
+            return;
+        }
+        K.update(dbl);
+        assert_eq!(two_sites(1), 6);
+        assert_eq!(another_site(1), 2);
+        static_call::flush();
+        assert_all_on_trampoline(Reason::Disabled(Disabled::Unpatched));
+        assert_eq!(static_call::status().patching, Err(Disabled::Unpatched));
+    }
+}
+
+scenario! {
+    /// The documented off switch.
+    fn the_environment_variable_switches_patching_off() env ["STATIC_CALL_DISABLE" = "1"] {
+        assert_eq!(two_sites(1), 5);
+        static_call::flush();
+        assert_eq!(static_call::status().patching, Err(Disabled::EnvVar));
+        assert_eq!(static_call::status().worker, WorkerStatus::NotStarted);
+        assert_all_on_trampoline(Reason::Disabled(Disabled::EnvVar));
+        K.update(dbl);
+        assert_eq!(two_sites(1), 6);
+        assert_eq!(static_call::stats().mprotects, 0);
+    }
+}
+
+scenario! {
+    /// An old kernel without core-serialising membarriers (injected: the filter makes
+    /// membarrier fail with ENOSYS): no patching, correct calls. An mprotect round trip is no
+    /// substitute, so there is no fallback that patches.
+    fn without_membarrier_sync_core_nothing_is_patched() env ["STATIC_CALL_SECCOMP" = "allow"] {
+        install_seccomp(&[(libc::SYS_membarrier, libc::ENOSYS)]);
+        assert_eq!(two_sites(1), 5);
+        static_call::flush();
+        let off = Disabled::NoCoreSync { errno: libc::ENOSYS };
+        assert_eq!(static_call::status().patching, Err(off));
+        assert_all_on_trampoline(Reason::Disabled(off));
+        K.update(dbl);
+        assert_eq!(two_sites(1), 6);
+        assert_eq!(static_call::stats().mprotects, 0);
+    }
+}
+
+scenario! {
+    /// The seccomp policy: a filter active when the library initialises switches patching off,
+    /// because some filters kill the process on membarrier or mprotect(PROT_EXEC).
+    fn a_seccomp_filter_switches_patching_off() {
+        install_seccomp(&[]);
+        assert_eq!(two_sites(1), 5);
+        static_call::flush();
+        assert_eq!(static_call::status().patching, Err(Disabled::Seccomp));
+        assert_all_on_trampoline(Reason::Disabled(Disabled::Seccomp));
+        K.update(dbl);
+        assert_eq!(two_sites(1), 6);
+    }
+}
+
+scenario! {
+    /// The worker thread cannot start (thread creation fails with EAGAIN, as at a thread
+    /// limit): calls stay correct, the status says why, and flush() patches in the caller.
+    fn when_the_worker_cannot_start_calls_stay_correct() env ["STATIC_CALL_SECCOMP" = "allow"] {
+        install_seccomp(&[(libc::SYS_clone3, libc::EAGAIN), (libc::SYS_clone, libc::EAGAIN)]);
+        assert_eq!(two_sites(1), 5);
+        assert_eq!(static_call::status().worker, WorkerStatus::Failed { errno: libc::EAGAIN });
+        assert_eq!(two_sites(1), 5);
+        static_call::flush();
+        assert_all_patched();
+        K.update(dbl);
+        assert_eq!(two_sites(1), 6);
+        assert_all_patched();
+    }
+}
+
+// --- code that is not ordinary -------------------------------------------------------------
+
+/// Writes one byte of code, as a debugger placing a breakpoint does.
+fn poke_code(addr: usize, byte: u8) {
+    let page = addr & !4095;
+    // SAFETY: the page is a text page of this program; it stays executable throughout, and no
+    // other thread runs the byte being changed (the scenario is single-threaded apart from the
+    // idle patcher).
+    unsafe {
+        assert_eq!(
+            libc::mprotect(
+                page as *mut _,
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC
+            ),
+            0
+        );
+        core::ptr::write_volatile(addr as *mut u8, byte);
+        assert_eq!(
+            libc::mprotect(page as *mut _, 4096, libc::PROT_READ | libc::PROT_EXEC),
+            0
+        );
+    }
+}
+
+scenario! {
+    /// A site whose bytes someone else changed (a debugger's int3 over a patched call) is never
+    /// overwritten; `update` fails and changes nothing; once the bytes are back, it works.
+    fn foreign_bytes_are_never_overwritten() {
+        assert_eq!(two_sites(1), 5);
+        static_call::flush();
+        assert_all_patched();
+        let victim = site_addresses()[0];
+        poke_code(victim, 0xcc);
+        let err = K.try_update(dbl).unwrap_err();
+        assert_eq!((err.kind, err.site), (ErrorKind::ForeignBytes, Some(victim)), "{err}");
+        assert_eq!(common::read(victim, 1), vec![0xcc], "the int3 is still there");
+        assert_eq!(K.query()(1), 2, "the key keeps its old target");
+        for s in site_addresses().into_iter().filter(|&s| s != victim) {
+            assert_calls(s, K.query() as usize, "the old target");
+        }
+        poke_code(victim, 0xe8);
+        K.update(dbl);
+        assert_all_patched();
+        assert_eq!(two_sites(1), 6);
+    }
+}
+
+define_static_call!(KEY_A: extern "C" fn(u64) -> u64 = inc);
+define_static_call!(KEY_B: extern "C" fn(u64) -> u64 = dbl);
+
+/// Maps a page of anonymous code within ±2 GiB of `near`, so that its rel32 calls reach.
+fn map_code_near(near: usize) -> *mut u8 {
+    for step in 1..64usize {
+        let hint = (near & !0xfff_ffff).wrapping_sub(step << 24);
+        // SAFETY: a fresh anonymous mapping at a free address (MAP_FIXED_NOREPLACE never
+        // replaces an existing mapping).
+        let p = unsafe {
+            libc::mmap(
+                hint as *mut _,
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if p != libc::MAP_FAILED {
+            return p as *mut u8;
+        }
+    }
+    panic!("no free page near {near:#x}");
+}
+
+fn rel32(from_end: usize, to: usize) -> [u8; 4] {
+    i32::try_from(to as i64 - from_end as i64)
+        .unwrap()
+        .to_le_bytes()
+}
+
+scenario! {
+    /// Code that copies our exact site bytes into anonymous memory and adds a second entry that
+    /// jumps straight to the `call` with another key in r11: both entries always reach their
+    /// own key's target, and the copy, not being in a loaded object's code, is never patched.
+    /// A misaligned copy is refused too.
+    fn copied_sites_in_anonymous_memory_are_never_patched() {
+        let page = map_code_near(trampoline());
+        let base = page as usize;
+        // Each entry first pushes 8 bytes, as compiled code does, so that the trampoline is
+        // entered with the stack aligned as the ABI requires.
+        let mut code = Vec::new();
+        // Entry A at 0: push rax; lea r11, [rip + KEY_A]; call trampoline (at 8, aligned);
+        // pop rcx; ret.
+        code.push(0x50);
+        code.extend([0x4c, 0x8d, 0x1d]);
+        code.extend(rel32(base + 8, KEY_A.as_ptr() as usize));
+        code.push(0xe8);
+        code.extend(rel32(base + 13, trampoline()));
+        code.extend([0x59, 0xc3]);
+        code.resize(16, 0xcc);
+        // Entry B at 16: push rax; mov r11, rsi; jmp 8 (straight to the call).
+        code.extend([0x50, 0x49, 0x89, 0xf3, 0xeb, (8i32 - 22) as u8]);
+        code.resize(33, 0xcc);
+        // A misaligned copy at 33: push rax; lea; nop; call at 42; pop rcx; ret.
+        code.push(0x50);
+        code.extend([0x4c, 0x8d, 0x1d]);
+        code.extend(rel32(base + 41, KEY_A.as_ptr() as usize));
+        code.push(0x90);
+        code.push(0xe8);
+        code.extend(rel32(base + 47, trampoline()));
+        code.extend([0x59, 0xc3]);
+        // SAFETY: the page is ours, writable, and `code` fits in it.
+        unsafe { core::ptr::copy_nonoverlapping(code.as_ptr(), page, code.len()) };
+        // SAFETY: entry A is `extern "C" fn(u64) -> u64` (the key's target gets rdi); entry B
+        // additionally takes the key in rsi; the misaligned copy is like entry A.
+        let (entry_a, entry_b, misaligned): (
+            extern "C" fn(u64) -> u64,
+            extern "C" fn(u64, *const ()) -> u64,
+            extern "C" fn(u64) -> u64,
+        ) = unsafe {
+            (
+                core::mem::transmute::<*mut u8, extern "C" fn(u64) -> u64>(page),
+                core::mem::transmute::<*mut u8, extern "C" fn(u64, *const ()) -> u64>(page.add(16)),
+                core::mem::transmute::<*mut u8, extern "C" fn(u64) -> u64>(page.add(33)),
+            )
+        };
+        for round in 0..100u64 {
+            assert_eq!(entry_a(round), KEY_A.query()(round), "round {round}");
+            assert_eq!(entry_b(round, KEY_B.as_ptr()), KEY_B.query()(round), "round {round}");
+            assert_eq!(entry_b(round, KEY_A.as_ptr()), KEY_A.query()(round), "round {round}");
+            assert_eq!(misaligned(round), KEY_A.query()(round), "round {round}");
+            if round % 10 == 0 {
+                static_call::flush();
+            }
+            if round == 50 {
+                KEY_A.update(dbl);
+                KEY_B.update(inc);
+            }
+        }
+        static_call::flush();
+        let copied: Vec<_> = KEY_A.sites().into_iter().chain(KEY_B.sites()).collect();
+        assert_eq!(copied.len(), 2, "{copied:?}");
+        for s in copied {
+            assert_eq!(s.state, SiteState::Trampoline(Reason::NotASite), "{s:?}");
+            assert_calls(s.address, trampoline(), "trampoline");
+        }
+    }
+}
+
+unsafe extern "C" {
+    fn labs(x: i64) -> i64;
+}
+
+extern "C" fn neg(x: i64) -> i64 {
+    -x
+}
+
+define_static_call!(FAR: unsafe extern "C" fn(i64) -> i64 = labs);
+
+#[inline(never)]
+fn far_site(x: i64) -> i64 {
+    // SAFETY: every target of FAR is safe to call with any i64.
+    unsafe { static_call!(FAR)(x) }
+}
+
+scenario! {
+    /// A target beyond ±2 GiB of a site (a libc function, code in a far anonymous page) is
+    /// called through the trampoline, never with a truncated rel32; when `update` moves a
+    /// patched key to a far target, its sites go back to the trampoline before it returns.
+    fn far_targets_are_reached_through_the_trampoline() {
+        let distance = (labs as *const () as usize).abs_diff(far_site as *const () as usize);
+        if distance < (2usize << 30) {
+            println!("note: libc is within 2 GiB of the program here; nothing to check");
+            return;
+        }
+        assert_eq!(far_site(-5), 5);
+        static_call::flush();
+        let sites = FAR.sites();
+        assert_eq!(sites.len(), 1);
+        assert_eq!(sites[0].state, SiteState::Trampoline(Reason::TargetOutOfRange));
+        assert_calls(sites[0].address, trampoline(), "trampoline");
+
+        FAR.update(neg);
+        assert_eq!(FAR.sites()[0].state, SiteState::Patched);
+        assert_calls(sites[0].address, FAR.query() as usize, "neg");
+        assert_eq!(far_site(-5), 5, "neg(-5)");
+
+        // JIT-like code far away: lea rax, [rdi + 7]; ret.
+        // SAFETY: a fresh anonymous page, filled then made read-execute.
+        let jit: unsafe extern "C" fn(i64) -> i64 = unsafe {
+            let p = libc::mmap(core::ptr::null_mut(), 4096, libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+            assert_ne!(p, libc::MAP_FAILED);
+            core::ptr::copy_nonoverlapping([0x48u8, 0x8d, 0x47, 0x07, 0xc3].as_ptr(), p as *mut u8, 5);
+            assert_eq!(libc::mprotect(p, 4096, libc::PROT_READ | libc::PROT_EXEC), 0);
+            core::mem::transmute(p)
+        };
+        if (jit as usize).abs_diff(sites[0].address) >= (2usize << 30) {
+            FAR.update(jit);
+            assert_eq!(FAR.sites()[0].state, SiteState::Trampoline(Reason::TargetOutOfRange));
+            assert_calls(sites[0].address, trampoline(), "trampoline");
+            assert_eq!(far_site(5), 12);
+        }
+        FAR.update(neg);
+        assert_eq!(far_site(5), -5);
+    }
+}
+
+// --- fork ----------------------------------------------------------------------------------
+
+#[inline(never)]
+fn site_only_the_child_runs(x: u64) -> u64 {
+    static_call!(K)(x)
+}
+
+/// In a forked child: inherited patched sites work, a new site gets patched (a new worker
+/// starts), `update` works. Exits the child with the verdict.
+fn check_forked_child() -> ! {
+    let verdict = std::panic::catch_unwind(|| {
+        let expected = |x: u64| K.query()(x);
+        assert_eq!(two_sites(1), expected(1) + expected(2));
+        assert_eq!(site_only_the_child_runs(1), expected(1));
+        static_call::flush();
+        for s in K.sites() {
+            assert_eq!(s.state, SiteState::Patched, "{s:?}");
+            assert_calls(s.address, K.query() as usize, "the key's target");
+        }
+        assert_eq!(
+            static_call::status().worker,
+            WorkerStatus::Running,
+            "a new worker"
+        );
+        K.update(dbl);
+        assert_eq!(two_sites(1), 6);
+        for s in K.sites() {
+            assert_calls(s.address, K.query() as usize, "dbl");
+        }
+    });
+    // SAFETY: _exit ends the child without running the parent's atexit handlers twice.
+    unsafe { libc::_exit(if verdict.is_ok() { 0 } else { 1 }) }
+}
+
+fn fork_and_check() {
+    // SAFETY: the child only runs `check_forked_child`, which exits.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+    if pid == 0 {
+        check_forked_child();
+    }
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child failed: status {status:#x}"
+    );
+}
+
+scenario! {
+    /// fork() while the parent's worker is idle.
+    fn fork_with_an_idle_worker() {
+        assert_eq!(two_sites(1), 5);
+        static_call::flush();
+        assert_all_patched();
+        fork_and_check();
+        // The parent is unaffected by what the child did.
+        assert_eq!(two_sites(1), 5);
+        assert_all_patched();
+    }
+}
+
+/// Many distinct sites, to keep the worker busy registering and patching.
+#[inline(never)]
+fn many_sites(i: u64) -> u64 {
+    macro_rules! arms {
+        ($($n:literal)*) => {
+            match i % 64 { $($n => static_call!(KEY_A)(i + $n),)* _ => unreachable!() }
+        };
+    }
+    arms!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31
+        32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59 60 61
+        62 63)
+}
+
+const BUSY_FORKS: usize = 20;
+
+scenario! {
+    /// fork() while the parent's worker is busy patching and other threads update and call:
+    /// the child never inherits a lock held, a half-done pop or an open window.
+    fn fork_with_a_busy_worker() {
+        assert_eq!(two_sites(1), 5);
+        static_call::flush();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    KEY_A.update(if i.is_multiple_of(2) { dbl } else { inc });
+                    i += 1;
+                }
+            });
+            s.spawn(|| {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let r = many_sites(i);
+                    let x = i + i % 64;
+                    assert!(r == x + 1 || r == 2 * x, "{i}: {r}");
+                    i += 1;
+                }
+            });
+            for _ in 0..BUSY_FORKS {
+                fork_and_check();
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+}
+
+// --- signals -------------------------------------------------------------------------------
+
+static HANDLED: AtomicU64 = AtomicU64::new(0);
+static HANDLER_WRONG: AtomicU64 = AtomicU64::new(0);
+
+/// Makes static calls, including the first call of sites that only the handler runs.
+extern "C" fn on_timer(_: libc::c_int) {
+    let n = HANDLED.fetch_add(1, Ordering::Relaxed);
+    let first = static_call!(KEY_B)(n);
+    let second = static_call!(KEY_B)(n + 1);
+    let ok = |x: u64, r: u64| r == x + 1 || r == 2 * x;
+    if !ok(n, first) || !ok(n + 1, second) {
+        HANDLER_WRONG.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+const SIGNAL_RUN: Duration = Duration::from_millis(1500);
+const TIMER_PERIOD_NS: i64 = 20_000;
+
+scenario! {
+    /// A high-rate timer signal whose handler makes static calls, including first calls of new
+    /// sites, interrupting a thread that keeps taking the patch lock in `update`: no deadlock,
+    /// every call right.
+    fn static_calls_in_signal_handlers_never_deadlock() {
+        static_call::init();
+        // SAFETY: installs an async-signal-safe handler and a timer that signals this thread.
+        unsafe {
+            let mut action: libc::sigaction = core::mem::zeroed();
+            action.sa_sigaction = on_timer as *const () as usize;
+            action.sa_flags = libc::SA_RESTART;
+            assert_eq!(libc::sigaction(libc::SIGALRM, &action, core::ptr::null_mut()), 0);
+            let mut event: libc::sigevent = core::mem::zeroed();
+            event.sigev_notify = libc::SIGEV_THREAD_ID;
+            event.sigev_signo = libc::SIGALRM;
+            event.sigev_notify_thread_id = libc::gettid();
+            let mut timer: libc::timer_t = core::ptr::null_mut();
+            assert_eq!(libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut timer), 0);
+            let period = libc::timespec { tv_sec: 0, tv_nsec: TIMER_PERIOD_NS };
+            let spec = libc::itimerspec { it_interval: period, it_value: period };
+            assert_eq!(libc::timer_settime(timer, 0, &spec, core::ptr::null_mut()), 0);
+            let deadline = Instant::now() + SIGNAL_RUN;
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                KEY_B.update(if i.is_multiple_of(2) { inc } else { dbl });
+                let r = another_site(i);
+                assert_eq!(r, i + 1);
+                i += 1;
+            }
+            assert_eq!(libc::timer_delete(timer), 0);
+        }
+        let handled = HANDLED.load(Ordering::Relaxed);
+        println!("{handled} signals handled");
+        assert!(handled > 100, "the timer fired: {handled}");
+        assert_eq!(HANDLER_WRONG.load(Ordering::Relaxed), 0);
+        static_call::flush();
+        for s in KEY_B.sites() {
+            assert_eq!(s.state, SiteState::Patched, "{s:?}");
+        }
+    }
+}
