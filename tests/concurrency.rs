@@ -7,7 +7,8 @@
 //! later one; when the epoch did not move during the call, that leaves two of the three targets,
 //! and reaching the third is a stale call.
 //!
-//! Bounded: runs for `RUN_MS` milliseconds (`STATIC_CALL_STRESS_MS` overrides).
+//! Bounded: runs for `RUN_MS` milliseconds (`STATIC_CALL_STRESS_MS` overrides, for longer
+//! torture runs), over `SITES` call sites plus a plain load of the target.
 
 mod common;
 
@@ -16,8 +17,10 @@ use std::time::{Duration, Instant};
 
 use static_call::{SiteState, define_static_call, static_call};
 
-const RUN_MS: u64 = 1000;
+const RUN_MS: u64 = 3000;
 const CALLERS: usize = 3;
+/// Static-call sites in `call`.
+const SITES: u64 = 64;
 
 extern "C" fn t0(x: u64) -> u64 {
     x << 2
@@ -43,16 +46,21 @@ fn run_for() -> Duration {
     Duration::from_millis(ms)
 }
 
-/// One call through one of five sites: four static-call sites and a plain load of the target.
+/// One call through one of `SITES` static-call sites, or a plain load of the target. Each site
+/// adds its own offset to the argument, and the caller checks the result carries it.
 #[inline(never)]
 fn call(which: u64, x: u64) -> u64 {
-    match which % 5 {
-        0 => static_call!(HOT)(x),
-        1 => static_call!(HOT)(x),
-        2 => static_call!(HOT)(x),
-        3 => static_call!(HOT)(x),
-        _ => HOT.query()(x),
+    macro_rules! sites {
+        ($($n:literal)*) => {
+            match which % (SITES + 1) {
+                $($n => static_call!(HOT)(x + $n) - ($n << 2),)*
+                _ => HOT.query()(x),
+            }
+        };
     }
+    sites!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31
+        32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59 60 61
+        62 63)
 }
 
 #[derive(Default, Debug)]
@@ -133,7 +141,7 @@ fn no_call_after_update_returns_reaches_an_older_target() {
     assert_eq!(current(5), TARGETS[(updates % 3) as usize](5));
     if common::patching() {
         let sites = HOT.sites();
-        assert_eq!(sites.len(), 4, "{sites:?}");
+        assert_eq!(sites.len() as u64, SITES, "{sites:?}");
         for s in sites {
             assert_eq!(s.state, SiteState::Patched);
             common::assert_calls(s.address, current as usize, "the last target");
