@@ -7,9 +7,16 @@ use iced_x86::{
     Register,
 };
 
-/// Whether this build patches (false in the portable fallback).
+/// Whether sites get patched in this process: the build patches (not the portable fallback) and
+/// nothing switched patching off (valgrind, `STATIC_CALL_DISABLE`...). Tests check site bytes
+/// only then; `patching_is_on_unless_this_environment_switches_it_off` makes sure that "off" is
+/// never an accident.
 pub fn patching() -> bool {
-    static_call::trampoline_address().is_some()
+    if static_call::trampoline_address().is_none() {
+        return false;
+    }
+    static_call::init();
+    static_call::status().patching.is_ok()
 }
 
 pub fn trampoline() -> usize {
