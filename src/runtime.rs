@@ -78,9 +78,9 @@ pub(crate) fn get_or_init() -> Option<&'static Runtime> {
     {
         INITIALISER.store(me, Ordering::Relaxed);
         let rt = build();
+        worker::init(rt.registry.capacity());
         // `set` publishes with Release: whoever gets the runtime sees it complete.
         let _ = RUNTIME.set(Box::new(rt));
-        worker::install_fork_handlers();
         INIT.store(DONE, Ordering::Release);
         return RUNTIME.get();
     }

@@ -14,7 +14,9 @@
 //! slot is in progress, so a handler that pushed on the worker while it was half-way through a
 //! pop would spin forever.
 
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, Ordering, fence};
+use core::sync::atomic::{
+    AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicUsize, Ordering, fence,
+};
 
 use crossbeam_queue::ArrayQueue;
 
@@ -23,9 +25,13 @@ use crate::os::linux::{futex_wait, futex_wake};
 use crate::registry::{CLAIMING, QUEUED, RETRY};
 use crate::{patcher, runtime};
 
-/// Capacity of the patch queue. A full queue is not an error: the site is queued again on its
-/// next call.
-const QUEUE_CAPACITY: usize = 4096;
+/// Most entries the patch queue holds: a quarter of the registry's capacity, at most 4096. A
+/// full queue is not an error: the site is queued again on its next call, or by the patcher's
+/// next pass over the registry.
+const MAX_QUEUE_CAPACITY: usize = 4096;
+
+/// The capacity chosen at initialisation (kept for the fresh queue a forked child gets).
+static QUEUE_CAPACITY: AtomicUsize = AtomicUsize::new(MAX_QUEUE_CAPACITY);
 
 /// The patch queue. Replaced (and the old one abandoned) in a forked child, where another
 /// thread may have been half-way through a push.
@@ -50,11 +56,15 @@ fn queue() -> Option<&'static ArrayQueue<u32>> {
 }
 
 fn new_queue() -> *mut ArrayQueue<u32> {
-    Box::into_raw(Box::new(ArrayQueue::new(QUEUE_CAPACITY)))
+    Box::into_raw(Box::new(ArrayQueue::new(
+        QUEUE_CAPACITY.load(Ordering::Relaxed),
+    )))
 }
 
-/// Creates the queue if there is none yet. Allocates: part of initialisation.
-pub(crate) fn init_queue() {
+/// Creates the queue, for a registry of `sites` slots, if there is none yet. Allocates: part of
+/// initialisation.
+fn init_queue(sites: usize) {
+    QUEUE_CAPACITY.store((sites / 4).clamp(16, MAX_QUEUE_CAPACITY), Ordering::Relaxed);
     if QUEUE.load(Ordering::Acquire).is_null() {
         let q = new_queue();
         if QUEUE
@@ -172,9 +182,9 @@ fn sleep_until_work() {
     }
 }
 
-/// Registers the `pthread_atfork` handlers, once.
-pub(crate) fn install_fork_handlers() {
-    init_queue();
+/// Creates the queue and registers the `pthread_atfork` handlers, once.
+pub(crate) fn init(sites: usize) {
+    init_queue(sites);
     // SAFETY: the handlers are `extern "C" fn()` with no preconditions beyond those documented.
     unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
 }

@@ -368,6 +368,40 @@ scenario! {
     }
 }
 
+scenario! {
+    /// A full patch queue and a full registry lose no call. With no worker (thread creation
+    /// fails), a registry of 64 sites and so a queue of 16, the first 40 sites fill the queue and
+    /// the rest wait in RETRY; flush() patches all 40. Sites beyond the registry's 64 stay
+    /// unregistered, on the trampoline, and the status says the registry is full.
+    fn a_full_queue_and_a_full_registry_lose_no_call()
+        env ["STATIC_CALL_SECCOMP" = "allow", "STATIC_CALL_MAX_SITES" = "64"]
+    {
+        install_seccomp(&[(libc::SYS_clone3, libc::EAGAIN), (libc::SYS_clone, libc::EAGAIN)]);
+        let expect = |i: u64| (i + i % 64) + 1;
+        for i in 0..40 {
+            assert_eq!(many_sites(i), expect(i));
+        }
+        let status = static_call::status();
+        assert_eq!((status.sites, status.capacity, status.registry_full), (40, 64, false));
+        static_call::flush();
+        let sites = KEY_A.sites();
+        assert_eq!(sites.len(), 40);
+        for s in sites {
+            assert_eq!(s.state, SiteState::Patched, "{s:?}");
+            assert_calls(s.address, KEY_A.query() as usize, "inc");
+        }
+        for i in 40..128 {
+            assert_eq!(many_sites(i), expect(i));
+        }
+        assert_eq!(two_sites(1), 5, "sites the full registry cannot hold still work");
+        let status = static_call::status();
+        assert_eq!((status.sites, status.registry_full), (64, true));
+        assert!(K.sites().is_empty());
+        K.update(dbl);
+        assert_eq!(two_sites(1), 6);
+    }
+}
+
 // --- code that is not ordinary -------------------------------------------------------------
 
 /// Writes one byte of code, as a debugger placing a breakpoint does.
