@@ -6,6 +6,16 @@ use core::fmt;
 
 /// Why patching is switched off for the whole process. Calls stay correct: every site keeps
 /// going through the trampoline, which always jumps to the key's current target.
+/// ```
+/// use static_call::{Disabled, status};
+///
+/// static_call::init();
+/// match status().patching {
+///     Ok(()) => println!("patching"),
+///     Err(Disabled::Unsupported) => println!("portable fallback build"),
+///     Err(why) => println!("patching is off: {why}"),
+/// }
+/// ```
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Disabled {
@@ -73,6 +83,22 @@ impl fmt::Display for Disabled {
 }
 
 /// Why a site keeps going through the trampoline instead of calling its target directly.
+///
+/// ```
+/// use static_call::{Reason, SiteState, define_static_call, static_call};
+///
+/// define_static_call!(K: extern "C" fn() -> u32 = one);
+/// extern "C" fn one() -> u32 { 1 }
+///
+/// static_call!(K)();
+/// static_call::flush();
+/// for site in K.sites() {
+///     if let SiteState::Trampoline(reason) = site.state {
+///         println!("{:#x} is not patched: {reason}", site.address);
+///     }
+/// }
+/// # let _ = Reason::TargetOutOfRange;
+/// ```
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
@@ -108,6 +134,18 @@ impl fmt::Display for Reason {
 }
 
 /// The state of one call site.
+///
+/// ```
+/// use static_call::{SiteState, define_static_call, static_call};
+///
+/// define_static_call!(K: extern "C" fn() -> u32 = one);
+/// extern "C" fn one() -> u32 { 1 }
+///
+/// static_call!(K)();
+/// static_call::flush();
+/// let patched = K.sites().iter().filter(|s| s.state == SiteState::Patched).count();
+/// println!("{patched} of {} sites call their target directly", K.sites().len());
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SiteState {
     /// Registered by its first call and waiting for the patcher; calls go through the trampoline.
@@ -119,6 +157,18 @@ pub enum SiteState {
 }
 
 /// One call site, as [`StaticCall::sites`](crate::StaticCall::sites) lists it.
+///
+/// ```
+/// use static_call::{define_static_call, static_call};
+///
+/// define_static_call!(K: extern "C" fn() -> u32 = one);
+/// extern "C" fn one() -> u32 { 1 }
+///
+/// static_call!(K)();
+/// for site in K.sites() {
+///     println!("call instruction at {:#x}: {:?}", site.address, site.state);
+/// }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SiteInfo {
     /// Address of the site's 5-byte `call` instruction.
@@ -128,6 +178,22 @@ pub struct SiteInfo {
 }
 
 /// An update that could not be carried out. The key and all its sites keep the old target.
+///
+/// ```
+/// use static_call::{ErrorKind, define_static_call};
+///
+/// define_static_call!(K: extern "C" fn() -> u32 = one);
+/// extern "C" fn one() -> u32 { 1 }
+/// extern "C" fn two() -> u32 { 2 }
+///
+/// match K.try_update(two) {
+///     Ok(()) => {}
+///     Err(e) if matches!(e.kind, ErrorKind::WriteRefused { .. }) => {
+///         eprintln!("code is no longer writable, {:?} kept its old target: {e}", K.query());
+///     }
+///     Err(e) => eprintln!("update failed: {e}"),
+/// }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Error {
     /// The site that could not be rewritten, if one site was the cause.
@@ -137,6 +203,19 @@ pub struct Error {
 }
 
 /// What made an [`Error`].
+///
+/// ```
+/// use static_call::ErrorKind;
+///
+/// fn explain(kind: ErrorKind) -> &'static str {
+///     match kind {
+///         ErrorKind::WriteRefused { .. } => "call unpatch_all() before forbidding writable code",
+///         ErrorKind::ForeignBytes => "remove the breakpoint on the site and try again",
+///         _ => "see docs/safety.md",
+///     }
+/// }
+/// assert!(explain(ErrorKind::ForeignBytes).contains("breakpoint"));
+/// ```
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -181,6 +260,15 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {}
 
 /// The worker thread that patches newly registered sites.
+///
+/// ```
+/// use static_call::WorkerStatus;
+///
+/// static_call::init();
+/// if let WorkerStatus::Failed { errno } = static_call::status().worker {
+///     eprintln!("no patcher thread (errno {errno}): call static_call::flush() to patch");
+/// }
+/// ```
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WorkerStatus {
@@ -197,6 +285,15 @@ pub enum WorkerStatus {
 }
 
 /// Process-wide state, from [`status`](crate::status).
+///
+/// ```
+/// let status = static_call::status();
+/// println!(
+///     "patching: {:?}, worker: {:?}, {} of {} registry slots used",
+///     status.patching, status.worker, status.sites, status.capacity
+/// );
+/// assert!(!status.registry_full);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Status {
     /// `Ok` if sites get patched; otherwise why not.
@@ -213,6 +310,25 @@ pub struct Status {
 }
 
 /// Counters of the patching work done so far in this process, from [`stats`](crate::stats).
+///
+/// ```
+/// use static_call::{define_static_call, static_call};
+///
+/// define_static_call!(K: extern "C" fn() -> u32 = one);
+/// extern "C" fn one() -> u32 { 1 }
+/// extern "C" fn two() -> u32 { 2 }
+///
+/// static_call!(K)();
+/// static_call::flush();
+/// let before = static_call::stats();
+/// K.update(two);
+/// let after = static_call::stats();
+/// println!(
+///     "update: {} mprotect calls, {} core syncs",
+///     after.mprotects - before.mprotects,
+///     after.core_syncs - before.core_syncs
+/// );
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Batches of writes (each ends with one core sync).

@@ -130,6 +130,17 @@ impl RawKey {
 }
 
 /// What a key's sites do when called, as [`StaticCall::target`] reports it.
+///
+/// ```
+/// use static_call::{StaticCall, Target};
+///
+/// extern "C" fn log(_: u32) {}
+/// static HOOK: StaticCall<extern "C" fn(u32)> = StaticCall::null();
+///
+/// assert_eq!(HOOK.target(), Target::Null);
+/// HOOK.update(log);
+/// assert!(matches!(HOOK.target(), Target::Function(_)));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target<F> {
     /// Call this function.
@@ -143,6 +154,14 @@ pub enum Target<F> {
 }
 
 /// Marks a key defined to return zero: `define_static_call!(K: extern "C" fn() -> u64 = ReturnZero)`.
+///
+/// ```
+/// use static_call::{Target, define_static_call, static_call};
+///
+/// define_static_call!(PENDING_WORK: extern "C" fn() -> usize = ReturnZero);
+/// assert_eq!(static_call!(PENDING_WORK)(), 0);
+/// assert_eq!(PENDING_WORK.target(), Target::ReturnZero);
+/// ```
 #[derive(Clone, Copy, Debug)]
 pub struct ReturnZero;
 
@@ -185,6 +204,13 @@ impl<F: Signature> StaticCall<F> {
     /// For signatures whose arguments borrow (`extern "C" fn(&T)`), define the key with
     /// [`define_static_call!`](crate::define_static_call) instead: such function types are
     /// higher-ranked and only the macro can build their call sites.
+    ///
+    /// ```
+    /// use static_call::{StaticCall, static_call};
+    /// extern "C" fn first(x: u8) -> u8 { x }
+    /// static KEY: StaticCall<extern "C" fn(u8) -> u8> = StaticCall::new(first);
+    /// assert_eq!(static_call!(KEY)(9), 9);
+    /// ```
     pub const fn new(f: F) -> Self {
         let () = F::CHECK;
         // SAFETY: `F: Signature` is implemented only for `extern "C"` function pointers.
@@ -251,6 +277,15 @@ impl<F: Signature> StaticCall<F> {
     }
 
     /// Like [`set_null`](Self::set_null), reporting failure instead of panicking.
+    ///
+    /// ```
+    /// use static_call::StaticCall;
+    /// extern "C" fn log(_: u32) {}
+    /// static HOOK: StaticCall<extern "C" fn(u32)> = StaticCall::new(log);
+    /// if let Err(e) = HOOK.try_set_null() {
+    ///     eprintln!("the hook stays on: {e}");
+    /// }
+    /// ```
     pub fn try_set_null(&self) -> Result<(), Error>
     where
         F::Output: NoResult,
@@ -279,6 +314,14 @@ impl<F: Signature> StaticCall<F> {
     }
 
     /// Like [`set_return_zero`](Self::set_return_zero), reporting failure instead of panicking.
+    ///
+    /// ```
+    /// use static_call::StaticCall;
+    /// extern "C" fn pending() -> usize { 3 }
+    /// static PENDING: StaticCall<extern "C" fn() -> usize> = StaticCall::new(pending);
+    /// PENDING.try_set_return_zero().expect("code is writable here");
+    /// assert_eq!(PENDING.query()(), 0);
+    /// ```
     pub fn try_set_return_zero(&self) -> Result<(), Error>
     where
         F::Output: ZeroableResult,
@@ -439,6 +482,14 @@ impl<F: Copy> StaticCall<F> {
     }
 
     /// The key's address, which is what its sites load into r11.
+    ///
+    /// ```
+    /// use static_call::StaticCall;
+    /// extern "C" fn f() {}
+    /// static A: StaticCall<extern "C" fn()> = StaticCall::new(f);
+    /// static B: StaticCall<extern "C" fn()> = StaticCall::new(f);
+    /// assert_ne!(A.as_ptr(), B.as_ptr());
+    /// ```
     pub fn as_ptr(&self) -> *const () {
         self as *const Self as *const ()
     }
@@ -495,6 +546,18 @@ unsafe fn ptr_to_fn<F: Copy>(p: *const ()) -> F {
 /// Implemented here for every such type without borrowed arguments. Signatures that borrow
 /// (`extern "C" fn(&T)`, higher-ranked over the lifetime) are supported by
 /// [`define_static_call!`](crate::define_static_call), which writes their call code itself.
+///
+/// ```
+/// use static_call::{Signature, StaticCall};
+///
+/// // Generic over any signature, e.g. to build keys in const contexts.
+/// const fn key_for<F: Signature>(f: F) -> StaticCall<F> {
+///     StaticCall::new(f)
+/// }
+/// extern "C" fn mix(a: u32, b: f64) -> f64 { a as f64 * b }
+/// static MIX: StaticCall<extern "C" fn(u32, f64) -> f64> = key_for(mix);
+/// assert_eq!(MIX.call(2, 1.5), 3.0);
+/// ```
 ///
 /// # Safety
 /// Implemented only by this crate, for `extern "C"` function-pointer types.
@@ -705,6 +768,17 @@ pub unsafe trait StaticCallKey: Sync + 'static {
     #[doc(hidden)]
     const __ZEROABLE: bool;
     /// The key itself.
+    ///
+    /// ```
+    /// use static_call::{StaticCallKey, define_static_call};
+    /// define_static_call!(K: extern "C" fn() -> u8 = seven);
+    /// extern "C" fn seven() -> u8 { 7 }
+    ///
+    /// fn current<K: StaticCallKey<Fn = extern "C" fn() -> u8>>() -> u8 {
+    ///     K::key().query()()
+    /// }
+    /// assert_eq!(current::<K>(), 7);
+    /// ```
     fn key() -> &'static StaticCall<Self::Fn>;
     /// A function of type `Fn` whose body is a call site of this key, distinct for every `U`.
     #[doc(hidden)]

@@ -88,6 +88,17 @@ pub unsafe trait Site {
 
 /// A type that can be an argument of a static call: it travels in one System V register.
 ///
+/// ```
+/// use static_call::{Arg, StaticCall};
+/// // Every argument type of a key implements `Arg`.
+/// fn takes<A: Arg>(_: A) {}
+/// takes(1u8);
+/// takes(2.5f64);
+/// takes(&"text");
+/// extern "C" fn f(_: *const u8, _: f32, _: bool) {}
+/// static K: StaticCall<extern "C" fn(*const u8, f32, bool)> = StaticCall::new(f);
+/// ```
+///
 /// # Safety
 /// `CLASS` must be the System V class of `Self` and `place` must put the value where an
 /// `extern "C"` callee expects it.
@@ -105,6 +116,15 @@ pub unsafe trait Arg: Sized {
 }
 
 /// A type that can be the result of a static call.
+///
+/// ```
+/// use static_call::RetVal;
+/// fn returns<R: RetVal>() {}
+/// returns::<()>();
+/// returns::<i64>();
+/// returns::<Option<&'static u8>>();
+/// returns::<f32>();
+/// ```
 ///
 /// # Safety
 /// `CLASS` must be the System V class of `Self`, and `__from_ret` must read the value from where
@@ -135,6 +155,15 @@ pub unsafe trait RetVal: Sized {
 /// ([`set_return_zero`](crate::StaticCall::set_return_zero)): zero is a valid value of it, and it
 /// comes back in rax, which a patched site zeroes with `xor eax, eax`.
 ///
+/// ```
+/// use static_call::ZeroableResult;
+/// fn can_return_zero<R: ZeroableResult>() {}
+/// can_return_zero::<u32>();
+/// can_return_zero::<bool>();
+/// can_return_zero::<*const u8>();
+/// can_return_zero::<Option<&'static u8>>();
+/// ```
+///
 /// # Safety
 /// All-zero bits must be a valid `Self`, returned in rax.
 #[diagnostic::on_unimplemented(
@@ -146,6 +175,12 @@ pub unsafe trait ZeroableResult: RetVal {}
 
 /// The result type of a key that can have no target
 /// ([`set_null`](crate::StaticCall::set_null)): `()`.
+///
+/// ```
+/// use static_call::NoResult;
+/// fn can_be_null<R: NoResult>() {}
+/// can_be_null::<()>();
+/// ```
 #[diagnostic::on_unimplemented(
     message = "a key returning `{Self}` cannot have a null target",
     label = "only keys returning () can do nothing",
