@@ -1,0 +1,144 @@
+//! A shared library with its own copy of static-call, loaded with `dlopen` by
+//! tests/shared_library.rs. Everything it exports is `extern "C"` and `no_mangle`, so the test
+//! finds it with `dlsym`; the test decodes the library's site bytes itself (same address space).
+//!
+//! Its three sites live in `sclib_call`: two of `LIB_A`, one of `LIB_B`.
+
+use static_call::{SiteState, define_static_call, static_call};
+
+extern "C" fn add1(x: i64) -> i64 {
+    x + 1
+}
+extern "C" fn add2(x: i64) -> i64 {
+    x + 2
+}
+extern "C" fn add100(x: i64) -> i64 {
+    x + 100
+}
+extern "C" fn add200(x: i64) -> i64 {
+    x + 200
+}
+
+define_static_call!(LIB_A: extern "C" fn(i64) -> i64 = add1);
+define_static_call!(LIB_B: extern "C" fn(i64) -> i64 = add100);
+
+/// Runs the library's three sites: `out` gets `[A(x), A(x), B(x)]`.
+///
+/// # Safety
+/// `out` points to three writable `i64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sclib_call(x: i64, out: *mut i64) {
+    let r = [
+        static_call!(LIB_A)(x),
+        static_call!(LIB_A)(x),
+        static_call!(LIB_B)(x),
+    ];
+    // SAFETY: by the caller's promise.
+    unsafe { core::ptr::copy_nonoverlapping(r.as_ptr(), out, 3) };
+}
+
+/// `which == 0`: A = x+1, B = x+100; otherwise A = x+2, B = x+200. Synchronous, like `update`.
+#[unsafe(no_mangle)]
+pub extern "C" fn sclib_update(which: u32) {
+    if which == 0 {
+        LIB_A.update(add1);
+        LIB_B.update(add100);
+    } else {
+        LIB_A.update(add2);
+        LIB_B.update(add200);
+    }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn sclib_flush() {
+    static_call::flush();
+}
+
+/// One registered site, as the library's copy of static-call reports it.
+#[repr(C)]
+pub struct SiteRecord {
+    /// 0 for `LIB_A`, 1 for `LIB_B`.
+    pub key_index: u64,
+    /// The key's address (what the site's `lea r11` must load).
+    pub key: usize,
+    /// The site's `call` instruction.
+    pub address: usize,
+    /// 0 pending, 1 patched, 2 on the trampoline.
+    pub state: u64,
+    /// The key's `query()`: what a patched site must call.
+    pub target: usize,
+}
+
+/// Fills `out` with up to `cap` sites of both keys; returns how many there are.
+///
+/// # Safety
+/// `out` points to `cap` writable records.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sclib_sites(out: *mut SiteRecord, cap: usize) -> usize {
+    let keys: [(&static_call::StaticCall<extern "C" fn(i64) -> i64>, u64); 2] =
+        [(&LIB_A, 0), (&LIB_B, 1)];
+    let mut n = 0;
+    for (key, index) in keys {
+        let target = key.query() as usize;
+        for site in key.sites() {
+            if n < cap {
+                let state = match site.state {
+                    SiteState::Pending => 0,
+                    SiteState::Patched => 1,
+                    SiteState::Trampoline(_) => 2,
+                };
+                let record = SiteRecord {
+                    key_index: index,
+                    key: key.as_ptr() as usize,
+                    address: site.address,
+                    state,
+                    target,
+                };
+                // SAFETY: n < cap, by the caller's promise.
+                unsafe { out.add(n).write(record) };
+            }
+            n += 1;
+        }
+    }
+    n
+}
+
+/// The library's copy's trampoline.
+#[unsafe(no_mangle)]
+pub extern "C" fn sclib_trampoline() -> usize {
+    static_call::trampoline_address().unwrap_or(0)
+}
+
+fn write_str(s: &str, buf: *mut u8, cap: usize) -> usize {
+    let n = s.len().min(cap);
+    // SAFETY: the caller of the exported function promised `cap` writable bytes at `buf`.
+    unsafe { core::ptr::copy_nonoverlapping(s.as_ptr(), buf, n) };
+    n
+}
+
+/// `format!("{:?}", static_call::status())` of the library's copy, into `buf`; returns its length.
+///
+/// # Safety
+/// `buf` points to `cap` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sclib_status(buf: *mut u8, cap: usize) -> usize {
+    write_str(&format!("{:?}", static_call::status()), buf, cap)
+}
+
+/// `static_call::stats().writes` of the library's copy.
+#[unsafe(no_mangle)]
+pub extern "C" fn sclib_writes() -> u64 {
+    static_call::stats().writes
+}
+
+/// The accident the library must not rely on: a std thread, without any static call. While a
+/// thread of this library is alive, glibc keeps the library loaded (the thread's thread-local
+/// destructors name it), whatever static-call does.
+#[unsafe(no_mangle)]
+pub extern "C" fn sclib_spawn_parked_thread() {
+    std::thread::spawn(|| {
+        loop {
+            std::thread::park();
+        }
+    });
+}
