@@ -33,6 +33,10 @@ pub enum Disabled {
     },
     /// The library could not find its own object among the loaded ones (`dl_iterate_phdr`).
     ObjectNotFound,
+    /// The library lives in a shared library that it could not pin in memory
+    /// (`dlopen(RTLD_NOLOAD | RTLD_NODELETE)` failed). Its worker thread runs the library's
+    /// code, so patching stays off rather than risk the code being unloaded under it.
+    PinFailed,
     /// `mprotect` refused to make a code page writable and executable (`prctl(PR_SET_MDWE)`,
     /// SELinux `execmem`/`execmod`). Holds the errno, usually `EACCES`.
     WriteRefused {
@@ -63,6 +67,9 @@ impl fmt::Display for Disabled {
             ),
             Disabled::ObjectNotFound => {
                 f.write_str("could not find this library's own code segment")
+            }
+            Disabled::PinFailed => {
+                f.write_str("could not pin the shared library this copy of static_call lives in")
             }
             Disabled::WriteRefused { errno } => write!(
                 f,
@@ -372,6 +379,7 @@ impl Disabled {
             Disabled::Unpatched => (6, 0),
             Disabled::Seccomp => (7, 0),
             Disabled::Valgrind => (8, 0),
+            Disabled::PinFailed => (9, 0),
         };
         (tag << 8) | errno.clamp(0, 255) as u16
     }
@@ -387,6 +395,7 @@ impl Disabled {
             6 => Disabled::Unpatched,
             7 => Disabled::Seccomp,
             8 => Disabled::Valgrind,
+            9 => Disabled::PinFailed,
             _ => return None,
         })
     }
@@ -434,6 +443,7 @@ mod tests {
                 errno: libc::ENOSYS,
             }),
             Reason::Disabled(Disabled::ObjectNotFound),
+            Reason::Disabled(Disabled::PinFailed),
             Reason::Disabled(Disabled::WriteRefused {
                 errno: libc::EACCES,
             }),

@@ -156,7 +156,7 @@ fn build() -> Runtime {
     match &object {
         None => disable(Disabled::ObjectNotFound),
         Some(obj) if !obj.is_main && !linux::pin_object_of(trampoline) => {
-            disable(Disabled::ObjectNotFound)
+            disable(Disabled::PinFailed)
         }
         Some(_) => {}
     }
