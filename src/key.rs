@@ -392,6 +392,10 @@ impl<F: Copy> StaticCall<F> {
     /// the old target. Sites not yet patched go through the trampoline, which reads the new
     /// target. All or nothing: if some site cannot be rewritten, nothing changes.
     ///
+    /// Calls that started before may still be running the old target when `update` returns (as
+    /// with the kernel's `static_call_update`): before freeing what the old target uses, wait for
+    /// those calls with your own means (a grace period, a reference count).
+    ///
     /// Not async-signal-safe: it takes the patch lock.
     ///
     /// # Panics

@@ -148,6 +148,9 @@ pub fn unpatch_all() -> Result<(), Error> {
 
 /// Whether patching is on, why not if it is off, and the state of the worker and the registry.
 ///
+/// Initialises the library if no static call has yet (allocating the registry; the worker thread
+/// starts with the first site to patch), since whether patching is on is decided then.
+///
 /// ```
 /// let status = static_call::status();
 /// match status.patching {

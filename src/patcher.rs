@@ -551,7 +551,9 @@ pub(crate) fn init() {
 
 /// See [`crate::status`].
 pub(crate) fn status() -> Status {
-    let rt = runtime::get();
+    // Initialise (without starting the worker) so that the answer is the one calls will get:
+    // whether patching is on is decided at initialisation.
+    let rt = runtime::get_or_init();
     Status {
         patching: runtime::mode(),
         worker: worker::status(),
