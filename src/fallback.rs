@@ -6,10 +6,12 @@
 use crate::diagnostics::{Disabled, Error, SiteInfo, Stats, Status, WorkerStatus};
 use crate::key::{RawKey, RawTarget};
 
-pub(crate) fn update(key: &RawKey, target: RawTarget) -> Result<(), Error> {
+pub(crate) fn update(changes: &[(&RawKey, RawTarget)]) -> Result<(), Error> {
     // `set_target` stores with Release, pairing with the Acquire load of every call: a call
     // that starts after `update` returned (and is ordered after it) reaches the new target.
-    key.set_target(target);
+    for &(key, target) in changes {
+        key.set_target(target);
+    }
     Ok(())
 }
 

@@ -290,7 +290,7 @@ impl<F: Signature> StaticCall<F> {
     where
         F::Output: NoResult,
     {
-        imp::update(&self.raw, RawTarget::Null(fn_to_ptr(F::__ZERO)))
+        imp::update(&[(&self.raw, RawTarget::Null(fn_to_ptr(F::__ZERO)))])
     }
 
     /// Makes every call return zero (0, null, `false`); patched sites become the single
@@ -326,7 +326,7 @@ impl<F: Signature> StaticCall<F> {
     where
         F::Output: ZeroableResult,
     {
-        imp::update(&self.raw, RawTarget::Ret0(fn_to_ptr(F::__ZERO)))
+        imp::update(&[(&self.raw, RawTarget::Ret0(fn_to_ptr(F::__ZERO)))])
     }
 }
 
@@ -428,7 +428,7 @@ impl<F: Copy> StaticCall<F> {
     /// assert_eq!(static_call::static_call!(OP)(), 2);
     /// ```
     pub fn try_update(&self, f: F) -> Result<(), Error> {
-        imp::update(&self.raw, RawTarget::Call(fn_to_ptr(f)))
+        imp::update(&[(&self.raw, RawTarget::Call(fn_to_ptr(f)))])
     }
 
     /// Sets the target from a [`Target`]: what `update`, `set_null` and `set_return_zero` do,
@@ -443,7 +443,7 @@ impl<F: Copy> StaticCall<F> {
             Target::Null => RawTarget::Null(fn_to_ptr(zero)),
             Target::ReturnZero => RawTarget::Ret0(fn_to_ptr(zero)),
         };
-        imp::update(&self.raw, target)
+        imp::update(&[(&self.raw, target)])
     }
 
     /// The function a call reaches now: the target, or for a key set to
@@ -510,6 +510,104 @@ impl<F: Copy> core::fmt::Debug for StaticCall<F> {
             .field("key", &self.as_ptr())
             .field("target", &self.raw.func())
             .finish()
+    }
+}
+
+/// Changes of several keys made together: every site of every key is rewritten in one pass over
+/// the code (one `mprotect` window per run of pages, one core sync), all or nothing. Made for
+/// swapping an operations table: when [`commit`](Self::commit) returns, no call that starts
+/// reaches an old target of any of the keys, and if any site could not be rewritten, no key
+/// changed.
+///
+/// Calls made *during* the commit may see some keys switched and others not yet, as with
+/// separate updates: a batch makes the switch cheaper and all or nothing, not instantaneous.
+///
+/// ```
+/// use static_call::{Batch, StaticCall, static_call};
+///
+/// extern "C" fn ram_read(block: u64) -> i64 { block as i64 }
+/// extern "C" fn ram_write(_: u64) -> i64 { 0 }
+/// extern "C" fn null_read(_: u64) -> i64 { -1 }
+/// extern "C" fn log(_: u64) {}
+///
+/// pub struct Ops {
+///     read: StaticCall<extern "C" fn(u64) -> i64>,
+///     write: StaticCall<extern "C" fn(u64) -> i64>,
+///     trace: StaticCall<extern "C" fn(u64)>,
+/// }
+/// static OPS: Ops = Ops {
+///     read: StaticCall::new(ram_read),
+///     write: StaticCall::new(ram_write),
+///     trace: StaticCall::new(log),
+/// };
+///
+/// assert_eq!(static_call!(OPS.read)(7), 7);
+/// Batch::new()
+///     .update(&OPS.read, null_read)
+///     .set_return_zero(&OPS.write)
+///     .set_null(&OPS.trace)
+///     .commit();
+/// assert_eq!(static_call!(OPS.read)(7), -1);
+/// assert_eq!(static_call!(OPS.write)(7), 0);
+/// ```
+#[must_use = "a batch changes nothing until it is committed"]
+#[derive(Default)]
+pub struct Batch<'a> {
+    changes: Vec<(&'a RawKey, RawTarget)>,
+}
+
+impl<'a> Batch<'a> {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Batch {
+            changes: Vec::new(),
+        }
+    }
+
+    /// Adds `key.update(f)`. A key given twice takes its last target.
+    pub fn update<F: Copy>(self, key: &'a StaticCall<F>, f: F) -> Self {
+        self.with(&key.raw, RawTarget::Call(fn_to_ptr(f)))
+    }
+
+    /// Adds `key.set_null()`.
+    pub fn set_null<F: Signature>(self, key: &'a StaticCall<F>) -> Self
+    where
+        F::Output: NoResult,
+    {
+        self.with(&key.raw, RawTarget::Null(fn_to_ptr(F::__ZERO)))
+    }
+
+    /// Adds `key.set_return_zero()`.
+    pub fn set_return_zero<F: Signature>(self, key: &'a StaticCall<F>) -> Self
+    where
+        F::Output: ZeroableResult,
+    {
+        self.with(&key.raw, RawTarget::Ret0(fn_to_ptr(F::__ZERO)))
+    }
+
+    fn with(mut self, key: &'a RawKey, target: RawTarget) -> Self {
+        match self
+            .changes
+            .iter_mut()
+            .find(|(k, _)| core::ptr::eq(*k, key))
+        {
+            Some(change) => change.1 = target,
+            None => self.changes.push((key, target)),
+        }
+        self
+    }
+
+    /// Makes every change, or none. Not async-signal-safe: it takes the patch lock.
+    ///
+    /// # Panics
+    /// When [`try_commit`](Self::try_commit) would fail; then no key changed.
+    pub fn commit(self) {
+        expect_set(self.try_commit());
+    }
+
+    /// Like [`commit`](Self::commit), reporting failure (after which no key changed).
+    pub fn try_commit(self) -> Result<(), Error> {
+        imp::update(&self.changes)
     }
 }
 

@@ -84,7 +84,7 @@ use patcher as imp;
 pub use diagnostics::{
     Disabled, Error, ErrorKind, Reason, SiteInfo, SiteState, Stats, Status, WorkerStatus,
 };
-pub use key::{ReturnZero, Signature, StaticCall, StaticCallKey, Target};
+pub use key::{Batch, ReturnZero, Signature, StaticCall, StaticCallKey, Target};
 pub use site::{Arg, NoResult, RetVal, ZeroableResult};
 
 /// Blocks until every site queued so far has been patched or given up on.

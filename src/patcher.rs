@@ -113,6 +113,7 @@ impl Info {
 }
 
 /// A write the patcher wants, and what it is for.
+#[derive(Clone, Copy)]
 struct Planned {
     index: u32,
     write: Write,
@@ -121,6 +122,8 @@ struct Planned {
     required: bool,
     /// Why the new bytes are `call trampoline`, if they are.
     reason: Option<Reason>,
+    /// The site's record before this write, for a rollback.
+    before: Info,
 }
 
 /// `call trampoline` at `site`; always encodable, the trampoline lives in the same object.
@@ -266,6 +269,7 @@ fn settle_one(
     link(rt, key, index, locked);
     let here = arch::insn_of(word);
     let (want, reason) = desired(rt, site, key.target());
+    let info = Info::live(here, reason);
     if want != here {
         plan.push(Planned {
             index,
@@ -277,9 +281,10 @@ fn settle_one(
             },
             required: false,
             reason,
+            before: info,
         });
     }
-    Info::live(here, reason)
+    info
 }
 
 /// Has the code writer carry out `plan`, and records the outcome in each site's `Info`:
@@ -316,16 +321,82 @@ fn write(rt: &Runtime, plan: &mut [Planned]) -> Result<(), WriteError> {
     result
 }
 
-/// Points `key` at `target` and rewrites its sites; see `StaticCall::try_update`.
-pub(crate) fn update(key: &RawKey, target: RawTarget) -> Result<(), Error> {
+/// Points each key at its target and rewrites all their sites as one batch (one pass over the
+/// pages, one core sync); see `StaticCall::try_update` and `Batch`. All or nothing: on failure no
+/// key and no site changes. Each key appears at most once in `changes`.
+pub(crate) fn update(changes: &[(&RawKey, RawTarget)]) -> Result<(), Error> {
     let locked = lock();
     let Some(rt) = runtime::get() else {
         // No site has ever been registered: only the trampoline path exists.
-        key.set_target(target);
+        for &(key, target) in changes {
+            key.set_target(target);
+        }
         return Ok(());
     };
     let mut plan = Vec::new();
-    for (index, slot) in list(rt, key, &locked) {
+    for &(key, target) in changes {
+        plan_retarget(rt, key, target, &mut plan, &locked)?;
+    }
+
+    let old: Vec<RawTarget> = changes.iter().map(|(key, _)| key.target()).collect();
+    let restore_targets = || {
+        for (&(key, _), &target) in changes.iter().zip(&old) {
+            key.set_target(target);
+        }
+    };
+    for &(key, target) in changes {
+        key.set_target(target);
+    }
+    let result = write(rt, &mut plan);
+    let first_required = plan.iter().find(|p| p.required).map(|p| p.write.addr);
+    match result {
+        Err(WriteError::Protect(errno)) => {
+            runtime::disable(Disabled::WriteRefused { errno });
+            match first_required {
+                // Nothing was written; the sites that call the old targets directly still do.
+                Some(site) => {
+                    restore_targets();
+                    Err(Error {
+                        site: Some(site),
+                        kind: ErrorKind::WriteRefused { errno },
+                    })
+                }
+                // Only sites on the trampoline were to change; they are correct as they are.
+                None => Ok(()),
+            }
+        }
+        Err(WriteError::Sync(errno)) => {
+            runtime::disable(Disabled::NoCoreSync { errno });
+            Err(Error {
+                site: None,
+                kind: ErrorKind::CoreSyncFailed { errno },
+            })
+        }
+        Ok(()) => match plan.iter().find(|p| p.required && !p.write.done) {
+            None => Ok(()),
+            Some(failed) => {
+                let site = failed.write.addr;
+                restore_targets();
+                roll_back(rt, &mut plan);
+                Err(Error {
+                    site: Some(site),
+                    kind: ErrorKind::ForeignBytes,
+                })
+            }
+        },
+    }
+}
+
+/// Plans the rewrite of `key`'s live sites for `target`. Fails, before anything changed, if a
+/// site that calls the old target directly no longer holds the bytes we wrote.
+fn plan_retarget(
+    rt: &Runtime,
+    key: &RawKey,
+    target: RawTarget,
+    plan: &mut Vec<Planned>,
+    locked: &Locked,
+) -> Result<(), Error> {
+    for (index, slot) in list(rt, key, locked) {
         let info = Info::load(slot);
         if info.status != LIVE {
             continue;
@@ -363,77 +434,30 @@ pub(crate) fn update(key: &RawKey, target: RawTarget) -> Result<(), Error> {
             },
             required: !on_trampoline,
             reason,
+            before: info,
         });
     }
-
-    let old = key.target();
-    key.set_target(target);
-    let result = write(rt, &mut plan);
-    let first_required = plan.iter().find(|p| p.required).map(|p| p.write.addr);
-    match result {
-        Err(WriteError::Protect(errno)) => {
-            runtime::disable(Disabled::WriteRefused { errno });
-            match first_required {
-                // Nothing was written; the sites that call the old target directly still do.
-                Some(site) => {
-                    key.set_target(old);
-                    Err(Error {
-                        site: Some(site),
-                        kind: ErrorKind::WriteRefused { errno },
-                    })
-                }
-                // Only sites on the trampoline were to change; they are correct as they are.
-                None => Ok(()),
-            }
-        }
-        Err(WriteError::Sync(errno)) => {
-            runtime::disable(Disabled::NoCoreSync { errno });
-            Err(Error {
-                site: None,
-                kind: ErrorKind::CoreSyncFailed { errno },
-            })
-        }
-        Ok(()) => match plan.iter().find(|p| p.required && !p.write.done) {
-            None => Ok(()),
-            Some(failed) => {
-                let site = failed.write.addr;
-                roll_back(rt, key, old, &mut plan);
-                Err(Error {
-                    site: Some(site),
-                    kind: ErrorKind::ForeignBytes,
-                })
-            }
-        },
-    }
+    Ok(())
 }
 
-/// Undoes the writes of a failed update and restores the old target.
-fn roll_back(rt: &Runtime, key: &RawKey, old: RawTarget, plan: &mut [Planned]) {
+/// Undoes the writes of a failed update, giving each site back its previous record.
+fn roll_back(rt: &Runtime, plan: &mut [Planned]) {
     let mut undo: Vec<Planned> = plan
         .iter()
         .filter(|p| p.write.done)
         .map(|p| Planned {
-            index: p.index,
             write: Write {
                 addr: p.write.addr,
                 old: p.write.new,
                 new: p.write.old,
                 done: false,
             },
-            required: p.required,
-            reason: None,
+            ..*p
         })
         .collect();
-    key.set_target(old);
     let _ = write(rt, &mut undo);
     for p in &undo {
-        let slot = rt.registry.slot(p.index);
-        let site = p.write.addr;
-        let on_trampoline = arch::insn_of(p.write.new) == trampoline_insn(rt, site);
-        let reason = on_trampoline
-            .then(|| desired(rt, site, key.target()).1)
-            .flatten();
-        Info::live(arch::insn_of(p.write.new), reason).store(slot);
+        p.before.store(rt.registry.slot(p.index));
     }
 }
 
@@ -481,6 +505,7 @@ pub(crate) fn unpatch_all() -> Result<(), Error> {
             },
             required: true,
             reason: Some(why),
+            before: info,
         });
     }
     match write(rt, &mut plan) {

@@ -450,6 +450,46 @@ scenario! {
     }
 }
 
+extern "C" fn triple(x: u64) -> u64 {
+    x * 3
+}
+
+define_static_call!(OTHER: extern "C" fn(u64) -> u64 = dbl);
+
+#[inline(never)]
+fn both_keys(x: u64) -> (u64, u64) {
+    (static_call!(K)(x), static_call!(OTHER)(x))
+}
+
+scenario! {
+    /// A batch rewrites the sites of several keys in one pass with one core sync, and is all or
+    /// nothing across keys: foreign bytes at one key's site leave every key as it was.
+    fn a_batch_is_one_sync_and_all_or_nothing_across_keys() {
+        assert_eq!(both_keys(5), (6, 10));
+        static_call::flush();
+        let before = static_call::stats();
+        static_call::Batch::new().update(&K, triple).update(&OTHER, inc).commit();
+        let after = static_call::stats();
+        assert_eq!((after.batches - before.batches, after.core_syncs - before.core_syncs), (1, 1));
+        assert_eq!(both_keys(5), (15, 6));
+        for s in K.sites().into_iter().chain(OTHER.sites()) {
+            assert_eq!(s.state, SiteState::Patched);
+        }
+        assert_calls(K.sites()[0].address, K.query() as usize, "triple");
+        assert_calls(OTHER.sites()[0].address, OTHER.query() as usize, "inc");
+
+        let victim = OTHER.sites()[0].address;
+        poke_code(victim, 0xcc);
+        let err = static_call::Batch::new().update(&K, dbl).update(&OTHER, dbl).try_commit().unwrap_err();
+        assert_eq!((err.kind, err.site), (ErrorKind::ForeignBytes, Some(victim)));
+        assert_eq!(K.query()(5), 15, "K kept its target although only OTHER's site was foreign");
+        assert_calls(K.sites()[0].address, K.query() as usize, "triple");
+        poke_code(victim, 0xe8);
+        static_call::Batch::new().update(&K, dbl).update(&OTHER, dbl).commit();
+        assert_eq!(both_keys(5), (10, 10));
+    }
+}
+
 define_static_call!(KEY_A: extern "C" fn(u64) -> u64 = inc);
 define_static_call!(KEY_B: extern "C" fn(u64) -> u64 = dbl);
 
