@@ -94,11 +94,17 @@ pub fn pack(insn: Insn) -> u64 {
 /// Exactly one: if two paddings decode, the bytes are ambiguous and prove nothing. An asm block
 /// is indivisible (the compiler cannot jump into it), so a proven `lea` is the one every
 /// execution of this `call` has just run, and r11 holds the address it computes.
+///
+/// What this relies on: decoding backwards from the call, it assumes the `lea` starts an
+/// instruction, which our asm block guarantees (it starts there). Hand-written assembly that
+/// calls the hidden trampoline could hide these bytes inside a longer instruction (a
+/// `mov r11, [rip + x]` whose displacement bytes spell a `lea`); `tests/verifier.rs` shows one.
+/// No backward decoder can tell; that code is outside the contract (see docs/safety.md).
 pub fn prove_site(code: &[u8], start: u64, trampoline: u64) -> Result<u64, Reason> {
     if code.len() != PROLOGUE + INSN_LEN {
         return Err(Reason::NotASite);
     }
-    let call_at = start + PROLOGUE as u64;
+    let call_at = start.checked_add(PROLOGUE as u64).ok_or(Reason::NotASite)?;
     let call = decode_one(&code[PROLOGUE..], call_at).ok_or(Reason::NotASite)?;
     if call.code() != Code::Call_rel32_64 || call.near_branch64() != trampoline {
         return Err(Reason::NotASite);
