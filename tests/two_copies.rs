@@ -39,6 +39,13 @@ fn make_copy(dir: &Path, major: u64, own_lock: bool) {
     let line = format!("version = \"{}\"", env!("CARGO_PKG_VERSION"));
     assert!(manifest.contains(&line), "Cargo.toml has no `{line}`");
     let manifest = manifest.replacen(&line, &format!("version = \"{major}.0.0\""), 1);
+    // The copy is only ever a dependency: keep [package], [lib], [features] and [dependencies],
+    // and drop what follows [dev-dependencies] (bench, test and example targets whose files are
+    // not copied).
+    let manifest = match manifest.find("\n[dev-dependencies]") {
+        Some(end) => manifest[..end + 1].to_string(),
+        None => manifest,
+    };
     nested::write_if_changed(&dir.join("Cargo.toml"), manifest.as_bytes());
     nested::write_if_changed(
         &dir.join("build.rs"),
