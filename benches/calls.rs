@@ -1,0 +1,539 @@
+//! Per-call cost of a static call against what users would write instead.
+//!
+//! Every bench calls a trivial target in a *dependent* chain (`x = f(x)`), so what is measured
+//! is the latency of one call and return, the cost that a dispatch mechanism adds to. Run with
+//! `scripts/bench.sh`, which builds with loops aligned to 64 bytes (`-C
+//! llvm-args=-align-loops=64`): loop placement alone moves these ratios by up to 20% otherwise.
+//!
+//! Groups:
+//! - `call/*`: one call site, `CHAIN` calls per iteration, through a direct call, a patched
+//!   static call, an `AtomicPtr` loaded at every call, `&dyn Trait`, an enum `match` and a
+//!   retpoline thunk. (The unpatched static call is in `benches/unpatched.rs`: switching
+//!   patching off is process-wide.)
+//! - `null_ret0/*`: a NULL key (patched to a 5-byte NOP) and a return-zero key (patched to
+//!   `xor eax, eax`) against the `Option<fn>` check they replace, and against a real call of a
+//!   function that returns 0.
+//! - `pressure1024/*`: 1,024 distinct call sites with 1,024 distinct targets run round-robin,
+//!   more than the first-level branch-target tables hold; direct, patched static, `AtomicPtr`
+//!   and `dyn`, each site with its own target (every indirect site is monomorphic, as it would
+//!   be in a real program that picked its functions at start-up).
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod common;
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod imp {
+    use crate::common::{CHAIN, assert_all_patched, inc};
+    use core::hint::black_box;
+    use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+    use criterion::{Criterion, Throughput};
+    use static_call::{define_static_call, static_call};
+
+    define_static_call!(INC: extern "C" fn(u64) -> u64 = inc);
+
+    /// The `AtomicPtr` pattern (memchr's CPU-feature dispatch): a static holding the function,
+    /// loaded at every call. Stored at run time: LLVM folds a static that is never stored to
+    /// into a constant, which would make this a direct call.
+    static FPTR: AtomicUsize = AtomicUsize::new(0);
+
+    #[inline(always)]
+    pub(crate) fn load_fn(p: &AtomicUsize) -> extern "C" fn(u64) -> u64 {
+        // SAFETY: only ever stores `extern "C" fn(u64) -> u64` values (see `setup`).
+        unsafe {
+            core::mem::transmute::<usize, extern "C" fn(u64) -> u64>(p.load(Ordering::Relaxed))
+        }
+    }
+
+    pub trait Op {
+        fn call(&self, x: u64) -> u64;
+    }
+    struct IncOp;
+    impl Op for IncOp {
+        fn call(&self, x: u64) -> u64 {
+            x.wrapping_add(1)
+        }
+    }
+
+    // `Dec` and `Double` are only ever made by `kind()`'s transmute: they are there so that the
+    // `match` has four arms, as a real one would.
+    #[allow(dead_code)]
+    #[derive(Clone, Copy)]
+    #[repr(u8)]
+    enum Kind {
+        Inc = 0,
+        Dec = 1,
+        Double = 2,
+        Half = 3,
+    }
+    #[inline(never)]
+    extern "C" fn double(x: u64) -> u64 {
+        x.wrapping_mul(2)
+    }
+    #[inline(never)]
+    extern "C" fn half(x: u64) -> u64 {
+        x / 2
+    }
+    /// The enum's discriminant, read at every call as a `match self.kind` would be: a relaxed
+    /// load that LLVM may not hoist out of the loop, so the `match` is not unswitched away.
+    static KIND: AtomicU8 = AtomicU8::new(Kind::Half as u8);
+
+    #[inline(always)]
+    fn kind() -> Kind {
+        // SAFETY: KIND only ever holds discriminants of `Kind`.
+        unsafe { core::mem::transmute::<u8, Kind>(KIND.load(Ordering::Relaxed)) }
+    }
+
+    // A retpoline thunk (the kernel's `__x86_indirect_thunk_r11`): the indirect branch becomes
+    // a `call` to a return whose prediction is trapped in a `pause; lfence` loop.
+    core::arch::global_asm!(
+        ".pushsection .text.static_call_bench_retpoline_r11,\"ax\",@progbits",
+        ".globl static_call_bench_retpoline_r11",
+        ".hidden static_call_bench_retpoline_r11",
+        ".p2align 5",
+        "static_call_bench_retpoline_r11:",
+        "    call 3f",
+        "2:  pause",
+        "    lfence",
+        "    jmp 2b",
+        "3:  mov qword ptr [rsp], r11",
+        "    ret",
+        ".popsection",
+    );
+    unsafe extern "C" {
+        fn static_call_bench_retpoline_r11();
+    }
+
+    /// `f(x)` compiled as a retpoline build compiles an indirect call: the target in r11 and a
+    /// `call` to the thunk.
+    #[inline(always)]
+    fn retpoline_call(f: extern "C" fn(u64) -> u64, x: u64) -> u64 {
+        let r: u64;
+        // SAFETY: the thunk jumps to `f` with the caller's registers and stack, as a `call f`
+        // would; `f` is an `extern "C" fn(u64) -> u64`, which `clobber_abi("C")` describes.
+        unsafe {
+            core::arch::asm!(
+                "call {thunk}",
+                thunk = sym static_call_bench_retpoline_r11,
+                in("r11") f as usize,
+                inlateout("rdi") x => _,
+                lateout("rax") r,
+                clobber_abi("C"),
+            );
+        }
+        r
+    }
+
+    #[inline(never)]
+    fn run_direct(n: u64, mut x: u64) -> u64 {
+        for _ in 0..n {
+            x = inc(x);
+        }
+        x
+    }
+
+    #[inline(never)]
+    fn run_static(n: u64, mut x: u64) -> u64 {
+        for _ in 0..n {
+            x = static_call!(INC)(x);
+        }
+        x
+    }
+
+    #[inline(never)]
+    fn run_atomic(n: u64, mut x: u64) -> u64 {
+        for _ in 0..n {
+            x = load_fn(&FPTR)(x);
+        }
+        x
+    }
+
+    #[inline(never)]
+    fn run_dyn(n: u64, mut x: u64, op: &dyn Op) -> u64 {
+        for _ in 0..n {
+            x = op.call(x);
+        }
+        x
+    }
+
+    #[inline(never)]
+    fn run_enum(n: u64, mut x: u64) -> u64 {
+        for _ in 0..n {
+            x = match kind() {
+                Kind::Inc => inc(x),
+                Kind::Dec => crate::common::dec(x),
+                Kind::Double => double(x),
+                Kind::Half => half(x),
+            };
+        }
+        x
+    }
+
+    #[inline(never)]
+    fn run_retpoline(n: u64, mut x: u64) -> u64 {
+        for _ in 0..n {
+            x = retpoline_call(load_fn(&FPTR), x);
+        }
+        x
+    }
+
+    // ---- NULL and return-zero keys against an `Option<fn>` check ------------------------
+
+    define_static_call!(HOOK: extern "C" fn(u64) = None);
+    define_static_call!(COUNT: extern "C" fn(u64) -> u64 = ReturnZero);
+    /// `Option<extern "C" fn(u64)>`, stored at run time (0 = `None`).
+    static OPT_HOOK: AtomicUsize = AtomicUsize::new(0);
+    static OPT_COUNT: AtomicUsize = AtomicUsize::new(0);
+
+    /// A function that returns 0. The zero comes out of an asm block: a plain `0` would be
+    /// propagated into the caller (LLVM's IPSCCP), and a `pure` one would let LLVM hoist the
+    /// call out of the loop: the block is volatile, so every call stays.
+    #[inline(never)]
+    extern "C" fn zero(_: u64) -> u64 {
+        let r: u64;
+        // SAFETY: clears a register; touches nothing else.
+        unsafe { core::arch::asm!("xor {0:e}, {0:e}", out(reg) r, options(nostack)) };
+        r
+    }
+
+    #[inline(always)]
+    fn load_opt_hook() -> Option<extern "C" fn(u64)> {
+        // SAFETY: holds 0 or an `extern "C" fn(u64)`; `Option<fn>` has the null niche.
+        unsafe {
+            core::mem::transmute::<usize, Option<extern "C" fn(u64)>>(
+                OPT_HOOK.load(Ordering::Relaxed),
+            )
+        }
+    }
+
+    /// A hook that is usually absent: `if let Some(f) = HOOK { f(i) }`.
+    #[inline(never)]
+    fn run_option_none(n: u64) {
+        for i in 0..n {
+            if let Some(f) = load_opt_hook() {
+                f(i);
+            }
+        }
+    }
+
+    #[inline(never)]
+    fn run_static_null(n: u64) {
+        for i in 0..n {
+            static_call!(HOOK)(i);
+        }
+    }
+
+    /// A counter that is usually absent: `HOOK.map_or(0, |f| f(x))`, in a dependent chain.
+    #[inline(never)]
+    fn run_option_ret0(n: u64, mut x: u64) -> u64 {
+        for _ in 0..n {
+            let f = load_fn_opt(&OPT_COUNT);
+            x = x.wrapping_add(f.map_or(0, |f| f(x))) ^ 1;
+        }
+        x
+    }
+
+    #[inline(always)]
+    fn load_fn_opt(p: &AtomicUsize) -> Option<extern "C" fn(u64) -> u64> {
+        // SAFETY: holds 0 or an `extern "C" fn(u64) -> u64`.
+        unsafe {
+            core::mem::transmute::<usize, Option<extern "C" fn(u64) -> u64>>(
+                p.load(Ordering::Relaxed),
+            )
+        }
+    }
+
+    #[inline(never)]
+    fn run_static_ret0(n: u64, mut x: u64) -> u64 {
+        for _ in 0..n {
+            x = x.wrapping_add(static_call!(COUNT)(x)) ^ 1;
+        }
+        x
+    }
+
+    /// What a return-zero key replaces: a call to a function that returns 0.
+    #[inline(never)]
+    fn run_direct_ret0(n: u64, mut x: u64) -> u64 {
+        for _ in 0..n {
+            x = x.wrapping_add(zero(x)) ^ 1;
+        }
+        x
+    }
+
+    // ---- branch-predictor pressure: 1,024 sites, 1,024 targets --------------------------
+
+    pub const SITES: usize = 1024;
+
+    /// FNV-1a, to give every generated target a distinct constant (identical functions would
+    /// be merged by the compiler).
+    pub(crate) const fn fnv(s: &str) -> u64 {
+        let b = s.as_bytes();
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut i = 0;
+        while i < b.len() {
+            h = (h ^ b[i] as u64).wrapping_mul(0x0100_0000_01b3);
+            i += 1;
+        }
+        h
+    }
+
+    /// One leaf: a target, its static-call key, its `AtomicPtr` and its `dyn` object.
+    macro_rules! leaf {
+        () => {
+            const SALT: u64 = crate::imp::fnv(module_path!()) | 1;
+            #[inline(never)]
+            pub extern "C" fn target(x: u64) -> u64 {
+                x.wrapping_add(SALT)
+            }
+            static_call::define_static_call!(pub K: extern "C" fn(u64) -> u64 = target);
+            pub static PTR: core::sync::atomic::AtomicUsize =
+                core::sync::atomic::AtomicUsize::new(0);
+            pub struct Obj;
+            impl crate::imp::Op for Obj {
+                fn call(&self, x: u64) -> u64 {
+                    x.wrapping_add(SALT)
+                }
+            }
+        };
+    }
+
+    /// Invokes `$m!(a b)` for each of the 32 × 32 leaves, in a fixed order.
+    macro_rules! for_leaves {
+        ($m:ident) => {
+            for_leaves!(@a $m [a0 a1 a2 a3 a4 a5 a6 a7 a8 a9 a10 a11 a12 a13 a14 a15
+                a16 a17 a18 a19 a20 a21 a22 a23 a24 a25 a26 a27 a28 a29 a30 a31])
+        };
+        (@a $m:ident [$($a:ident)*]) => {
+            $( for_leaves!(@b $m $a [b0 b1 b2 b3 b4 b5 b6 b7 b8 b9 b10 b11 b12 b13 b14 b15
+                b16 b17 b18 b19 b20 b21 b22 b23 b24 b25 b26 b27 b28 b29 b30 b31]); )*
+        };
+        (@b $m:ident $a:ident [$($b:ident)*]) => {
+            $( $m!($a $b); )*
+        };
+    }
+
+    /// The 32 modules `a0`..`a31`, each with 32 leaves `b0`..`b31` and one function per
+    /// mechanism that runs its 32 sites in a chain. (Chunks of 32: LLVM's compile time for one
+    /// function grows steeply past ~500 asm sites, and every mechanism gets the same 32 extra
+    /// direct calls per round.)
+    macro_rules! leaf_mods {
+        ([$($a:ident)*] $bs:tt) => {
+            $( pub mod $a { leaf_mods!(@b $bs); } )*
+        };
+        (@b [$($b:ident)*]) => {
+            $( pub mod $b { leaf!(); } )*
+
+            #[inline(never)]
+            pub fn direct(mut x: u64) -> u64 {
+                $( x = $b::target(x); )*
+                x
+            }
+
+            #[inline(never)]
+            pub fn static_calls(mut x: u64) -> u64 {
+                $( x = static_call::static_call!($b::K)(x); )*
+                x
+            }
+
+            #[inline(never)]
+            pub fn atomic(mut x: u64) -> u64 {
+                $( x = crate::imp::load_fn(&$b::PTR)(x); )*
+                x
+            }
+
+            #[inline(never)]
+            pub fn dyn_trait(mut x: u64, objs: &[&'static dyn crate::imp::Op; 32]) -> u64 {
+                let mut i = 0;
+                $(
+                    let _ = stringify!($b);
+                    x = objs[i].call(x);
+                    i += 1;
+                )*
+                let _ = i;
+                x
+            }
+        };
+    }
+
+    pub mod leaves {
+        leaf_mods!(
+            [a0 a1 a2 a3 a4 a5 a6 a7 a8 a9 a10 a11 a12 a13 a14 a15
+             a16 a17 a18 a19 a20 a21 a22 a23 a24 a25 a26 a27 a28 a29 a30 a31]
+            [b0 b1 b2 b3 b4 b5 b6 b7 b8 b9 b10 b11 b12 b13 b14 b15
+             b16 b17 b18 b19 b20 b21 b22 b23 b24 b25 b26 b27 b28 b29 b30 b31]
+        );
+    }
+
+    /// Calls `leaves::$a::$f` for every `a`, in order.
+    macro_rules! for_chunks {
+        ($x:ident = $f:ident($($extra:tt)*)) => {
+            for_chunks!(@a $x $f ($($extra)*) [a0 a1 a2 a3 a4 a5 a6 a7 a8 a9 a10 a11 a12 a13 a14
+                a15 a16 a17 a18 a19 a20 a21 a22 a23 a24 a25 a26 a27 a28 a29 a30 a31])
+        };
+        (@a $x:ident $f:ident $extra:tt [$($a:ident)*]) => {{
+            let mut _k = 0usize;
+            $( for_chunks!(@one $x $f $a _k $extra); _k += 1; )*
+        }};
+        (@one $x:ident $f:ident $a:ident $k:ident ()) => {
+            $x = leaves::$a::$f($x);
+        };
+        (@one $x:ident $f:ident $a:ident $k:ident ($objs:ident)) => {
+            $x = leaves::$a::$f($x, &$objs[$k]);
+        };
+    }
+
+    type DynTable = [[&'static dyn Op; 32]; 32];
+
+    #[inline(never)]
+    fn pressure_direct(mut x: u64) -> u64 {
+        for_chunks!(x = direct());
+        x
+    }
+
+    #[inline(never)]
+    fn pressure_static(mut x: u64) -> u64 {
+        for_chunks!(x = static_calls());
+        x
+    }
+
+    #[inline(never)]
+    fn pressure_atomic(mut x: u64) -> u64 {
+        for_chunks!(x = atomic());
+        x
+    }
+
+    #[inline(never)]
+    fn pressure_dyn(mut x: u64, objs: &DynTable) -> u64 {
+        for_chunks!(x = dyn_trait(objs));
+        x
+    }
+
+    fn setup() -> Box<DynTable> {
+        FPTR.store(inc as *const () as usize, Ordering::Relaxed);
+        // `None`, but stored at run time: LLVM folds a static that is never stored to.
+        OPT_HOOK.store(black_box(0), Ordering::Relaxed);
+        OPT_COUNT.store(black_box(0), Ordering::Relaxed);
+        let mut objs: Vec<&'static dyn Op> = Vec::with_capacity(SITES);
+        macro_rules! store {
+            ($a:ident $b:ident) => {
+                leaves::$a::$b::PTR.store(
+                    leaves::$a::$b::target as *const () as usize,
+                    Ordering::Relaxed,
+                );
+                objs.push(&leaves::$a::$b::Obj);
+            };
+        }
+        for_leaves!(store);
+        assert_eq!(objs.len(), SITES);
+
+        // Run every static-call site once, let the worker patch them, and check.
+        let want = pressure_direct(7);
+        assert_eq!(pressure_static(7), want);
+        assert_eq!(run_static(3, 0), 3);
+        static_call::flush();
+        assert_all_patched("INC", &INC.sites());
+        macro_rules! check {
+            ($a:ident $b:ident) => {
+                assert_all_patched(stringify!($a::$b), &leaves::$a::$b::K.sites());
+            };
+        }
+        for_leaves!(check);
+        assert_eq!(pressure_static(7), want);
+        assert_eq!(pressure_atomic(7), want);
+        let rows: Vec<[&'static dyn Op; 32]> =
+            objs.chunks(32).map(|c| c.try_into().unwrap()).collect();
+        let table: Box<DynTable> = Box::new(rows.try_into().unwrap_or_else(|_| unreachable!()));
+        assert_eq!(pressure_dyn(7, &table), want);
+        assert_eq!(run_enum(4, 17), 1);
+        run_static_null(3);
+        assert_eq!(run_static_ret0(3, 0), 1);
+        static_call::flush();
+        assert_all_patched("HOOK", &HOOK.sites());
+        assert_all_patched("COUNT", &COUNT.sites());
+        assert_eq!(run_option_ret0(3, 0), 1);
+        assert_eq!(run_direct_ret0(3, 0), 1);
+        assert_eq!(run_retpoline(5, 1), 6);
+        table
+    }
+
+    pub fn benches(c: &mut Criterion) {
+        let table = setup();
+
+        let mut g = c.benchmark_group("call");
+        g.throughput(Throughput::Elements(CHAIN));
+        g.bench_function("direct", |b| {
+            b.iter(|| run_direct(black_box(CHAIN), black_box(0)))
+        });
+        g.bench_function("static_patched", |b| {
+            b.iter(|| run_static(black_box(CHAIN), black_box(0)))
+        });
+        g.bench_function("atomic_ptr", |b| {
+            b.iter(|| run_atomic(black_box(CHAIN), black_box(0)))
+        });
+        let op: &dyn Op = &IncOp;
+        g.bench_function("dyn_trait", |b| {
+            b.iter(|| run_dyn(black_box(CHAIN), black_box(0), black_box(op)))
+        });
+        KIND.store(Kind::Inc as u8, Ordering::Relaxed);
+        g.bench_function("enum_match", |b| {
+            b.iter(|| run_enum(black_box(CHAIN), black_box(0)))
+        });
+        g.bench_function("retpoline", |b| {
+            b.iter(|| run_retpoline(black_box(CHAIN), black_box(0)))
+        });
+        g.finish();
+
+        let mut g = c.benchmark_group("null_ret0");
+        g.throughput(Throughput::Elements(CHAIN));
+        g.bench_function("option_none", |b| {
+            b.iter(|| run_option_none(black_box(CHAIN)))
+        });
+        g.bench_function("static_null", |b| {
+            b.iter(|| run_static_null(black_box(CHAIN)))
+        });
+        g.bench_function("option_none_ret0", |b| {
+            b.iter(|| run_option_ret0(black_box(CHAIN), black_box(0)))
+        });
+        g.bench_function("static_ret0", |b| {
+            b.iter(|| run_static_ret0(black_box(CHAIN), black_box(0)))
+        });
+        g.bench_function("direct_ret0", |b| {
+            b.iter(|| run_direct_ret0(black_box(CHAIN), black_box(0)))
+        });
+        g.finish();
+
+        let mut g = c.benchmark_group("pressure1024");
+        g.throughput(Throughput::Elements(SITES as u64));
+        g.bench_function("direct", |b| b.iter(|| pressure_direct(black_box(0))));
+        g.bench_function("static_patched", |b| {
+            b.iter(|| pressure_static(black_box(0)))
+        });
+        g.bench_function("atomic_ptr", |b| b.iter(|| pressure_atomic(black_box(0))));
+        g.bench_function("dyn_trait", |b| {
+            b.iter(|| pressure_dyn(black_box(0), &table))
+        });
+        g.finish();
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn config() -> criterion::Criterion {
+    criterion::Criterion::default()
+        .warm_up_time(std::time::Duration::from_millis(500))
+        .measurement_time(std::time::Duration::from_secs(2))
+        .sample_size(40)
+        .configure_from_args()
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+criterion::criterion_group! {
+    name = calls;
+    config = config();
+    targets = imp::benches
+}
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+criterion::criterion_main!(calls);
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn main() {
+    eprintln!("static-call benches measure x86-64 Linux only");
+}
