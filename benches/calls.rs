@@ -13,10 +13,8 @@
 //! - `null_ret0/*`: a NULL key (patched to a 5-byte NOP) and a return-zero key (patched to
 //!   `xor eax, eax`) against the `Option<fn>` check they replace, and against a real call of a
 //!   function that returns 0.
-//! - `pressure1024/*`: 1,024 distinct call sites with 1,024 distinct targets run round-robin,
-//!   more than the first-level branch-target tables hold; direct, patched static, `AtomicPtr`
-//!   and `dyn`, each site with its own target (every indirect site is monomorphic, as it would
-//!   be in a real program that picked its functions at start-up).
+//!
+//! Many sites with many targets (branch-predictor pressure) are in `benches/pressure.rs`.
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod common;
@@ -259,204 +257,27 @@ mod imp {
         x
     }
 
-    // ---- branch-predictor pressure: 1,024 sites, 1,024 targets --------------------------
-
-    pub const SITES: usize = 1024;
-
-    /// FNV-1a, to give every generated target a distinct constant (identical functions would
-    /// be merged by the compiler).
-    pub(crate) const fn fnv(s: &str) -> u64 {
-        let b = s.as_bytes();
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut i = 0;
-        while i < b.len() {
-            h = (h ^ b[i] as u64).wrapping_mul(0x0100_0000_01b3);
-            i += 1;
-        }
-        h
-    }
-
-    /// One leaf: a target, its static-call key, its `AtomicPtr` and its `dyn` object.
-    macro_rules! leaf {
-        () => {
-            const SALT: u64 = crate::imp::fnv(module_path!()) | 1;
-            #[inline(never)]
-            pub extern "C" fn target(x: u64) -> u64 {
-                x.wrapping_add(SALT)
-            }
-            static_call::define_static_call!(pub K: extern "C" fn(u64) -> u64 = target);
-            pub static PTR: core::sync::atomic::AtomicUsize =
-                core::sync::atomic::AtomicUsize::new(0);
-            pub struct Obj;
-            impl crate::imp::Op for Obj {
-                fn call(&self, x: u64) -> u64 {
-                    x.wrapping_add(SALT)
-                }
-            }
-        };
-    }
-
-    /// Invokes `$m!(a b)` for each of the 32 × 32 leaves, in a fixed order.
-    macro_rules! for_leaves {
-        ($m:ident) => {
-            for_leaves!(@a $m [a0 a1 a2 a3 a4 a5 a6 a7 a8 a9 a10 a11 a12 a13 a14 a15
-                a16 a17 a18 a19 a20 a21 a22 a23 a24 a25 a26 a27 a28 a29 a30 a31])
-        };
-        (@a $m:ident [$($a:ident)*]) => {
-            $( for_leaves!(@b $m $a [b0 b1 b2 b3 b4 b5 b6 b7 b8 b9 b10 b11 b12 b13 b14 b15
-                b16 b17 b18 b19 b20 b21 b22 b23 b24 b25 b26 b27 b28 b29 b30 b31]); )*
-        };
-        (@b $m:ident $a:ident [$($b:ident)*]) => {
-            $( $m!($a $b); )*
-        };
-    }
-
-    /// The 32 modules `a0`..`a31`, each with 32 leaves `b0`..`b31` and one function per
-    /// mechanism that runs its 32 sites in a chain. (Chunks of 32: LLVM's compile time for one
-    /// function grows steeply past ~500 asm sites, and every mechanism gets the same 32 extra
-    /// direct calls per round.)
-    macro_rules! leaf_mods {
-        ([$($a:ident)*] $bs:tt) => {
-            $( pub mod $a { leaf_mods!(@b $bs); } )*
-        };
-        (@b [$($b:ident)*]) => {
-            $( pub mod $b { leaf!(); } )*
-
-            #[inline(never)]
-            pub fn direct(mut x: u64) -> u64 {
-                $( x = $b::target(x); )*
-                x
-            }
-
-            #[inline(never)]
-            pub fn static_calls(mut x: u64) -> u64 {
-                $( x = static_call::static_call!($b::K)(x); )*
-                x
-            }
-
-            #[inline(never)]
-            pub fn atomic(mut x: u64) -> u64 {
-                $( x = crate::imp::load_fn(&$b::PTR)(x); )*
-                x
-            }
-
-            #[inline(never)]
-            pub fn dyn_trait(mut x: u64, objs: &[&'static dyn crate::imp::Op; 32]) -> u64 {
-                let mut i = 0;
-                $(
-                    let _ = stringify!($b);
-                    x = objs[i].call(x);
-                    i += 1;
-                )*
-                let _ = i;
-                x
-            }
-        };
-    }
-
-    pub mod leaves {
-        leaf_mods!(
-            [a0 a1 a2 a3 a4 a5 a6 a7 a8 a9 a10 a11 a12 a13 a14 a15
-             a16 a17 a18 a19 a20 a21 a22 a23 a24 a25 a26 a27 a28 a29 a30 a31]
-            [b0 b1 b2 b3 b4 b5 b6 b7 b8 b9 b10 b11 b12 b13 b14 b15
-             b16 b17 b18 b19 b20 b21 b22 b23 b24 b25 b26 b27 b28 b29 b30 b31]
-        );
-    }
-
-    /// Calls `leaves::$a::$f` for every `a`, in order.
-    macro_rules! for_chunks {
-        ($x:ident = $f:ident($($extra:tt)*)) => {
-            for_chunks!(@a $x $f ($($extra)*) [a0 a1 a2 a3 a4 a5 a6 a7 a8 a9 a10 a11 a12 a13 a14
-                a15 a16 a17 a18 a19 a20 a21 a22 a23 a24 a25 a26 a27 a28 a29 a30 a31])
-        };
-        (@a $x:ident $f:ident $extra:tt [$($a:ident)*]) => {{
-            let mut _k = 0usize;
-            $( for_chunks!(@one $x $f $a _k $extra); _k += 1; )*
-        }};
-        (@one $x:ident $f:ident $a:ident $k:ident ()) => {
-            $x = leaves::$a::$f($x);
-        };
-        (@one $x:ident $f:ident $a:ident $k:ident ($objs:ident)) => {
-            $x = leaves::$a::$f($x, &$objs[$k]);
-        };
-    }
-
-    type DynTable = [[&'static dyn Op; 32]; 32];
-
-    #[inline(never)]
-    fn pressure_direct(mut x: u64) -> u64 {
-        for_chunks!(x = direct());
-        x
-    }
-
-    #[inline(never)]
-    fn pressure_static(mut x: u64) -> u64 {
-        for_chunks!(x = static_calls());
-        x
-    }
-
-    #[inline(never)]
-    fn pressure_atomic(mut x: u64) -> u64 {
-        for_chunks!(x = atomic());
-        x
-    }
-
-    #[inline(never)]
-    fn pressure_dyn(mut x: u64, objs: &DynTable) -> u64 {
-        for_chunks!(x = dyn_trait(objs));
-        x
-    }
-
-    fn setup() -> Box<DynTable> {
+    fn setup() {
         FPTR.store(inc as *const () as usize, Ordering::Relaxed);
         // `None`, but stored at run time: LLVM folds a static that is never stored to.
         OPT_HOOK.store(black_box(0), Ordering::Relaxed);
         OPT_COUNT.store(black_box(0), Ordering::Relaxed);
-        let mut objs: Vec<&'static dyn Op> = Vec::with_capacity(SITES);
-        macro_rules! store {
-            ($a:ident $b:ident) => {
-                leaves::$a::$b::PTR.store(
-                    leaves::$a::$b::target as *const () as usize,
-                    Ordering::Relaxed,
-                );
-                objs.push(&leaves::$a::$b::Obj);
-            };
-        }
-        for_leaves!(store);
-        assert_eq!(objs.len(), SITES);
-
         // Run every static-call site once, let the worker patch them, and check.
-        let want = pressure_direct(7);
-        assert_eq!(pressure_static(7), want);
         assert_eq!(run_static(3, 0), 3);
-        static_call::flush();
-        assert_all_patched("INC", &INC.sites());
-        macro_rules! check {
-            ($a:ident $b:ident) => {
-                assert_all_patched(stringify!($a::$b), &leaves::$a::$b::K.sites());
-            };
-        }
-        for_leaves!(check);
-        assert_eq!(pressure_static(7), want);
-        assert_eq!(pressure_atomic(7), want);
-        let rows: Vec<[&'static dyn Op; 32]> =
-            objs.chunks(32).map(|c| c.try_into().unwrap()).collect();
-        let table: Box<DynTable> = Box::new(rows.try_into().unwrap_or_else(|_| unreachable!()));
-        assert_eq!(pressure_dyn(7, &table), want);
         assert_eq!(run_enum(4, 17), 1);
         run_static_null(3);
         assert_eq!(run_static_ret0(3, 0), 1);
         static_call::flush();
+        assert_all_patched("INC", &INC.sites());
         assert_all_patched("HOOK", &HOOK.sites());
         assert_all_patched("COUNT", &COUNT.sites());
         assert_eq!(run_option_ret0(3, 0), 1);
         assert_eq!(run_direct_ret0(3, 0), 1);
         assert_eq!(run_retpoline(5, 1), 6);
-        table
     }
 
     pub fn benches(c: &mut Criterion) {
-        let table = setup();
+        setup();
 
         let mut g = c.benchmark_group("call");
         g.throughput(Throughput::Elements(CHAIN));
@@ -498,18 +319,6 @@ mod imp {
         });
         g.bench_function("direct_ret0", |b| {
             b.iter(|| run_direct_ret0(black_box(CHAIN), black_box(0)))
-        });
-        g.finish();
-
-        let mut g = c.benchmark_group("pressure1024");
-        g.throughput(Throughput::Elements(SITES as u64));
-        g.bench_function("direct", |b| b.iter(|| pressure_direct(black_box(0))));
-        g.bench_function("static_patched", |b| {
-            b.iter(|| pressure_static(black_box(0)))
-        });
-        g.bench_function("atomic_ptr", |b| b.iter(|| pressure_atomic(black_box(0))));
-        g.bench_function("dyn_trait", |b| {
-            b.iter(|| pressure_dyn(black_box(0), &table))
         });
         g.finish();
     }

@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Runs every benchmark and regenerates the report: the one command behind docs/benchmarks.md.
 #
-#   scripts/bench.sh            # 3 rounds (about 4 minutes on 2 cores)
+#   scripts/bench.sh            # 3 rounds + 2 placements (about 10 minutes on 2 cores)
 #   ROUNDS=1 scripts/bench.sh   # quicker, one round
 #
 # - Builds the benches in their own target directory with every loop aligned to 64 bytes
 #   (`-C llvm-args=-align-loops=64`): where a loop falls relative to cache lines otherwise moves
 #   the patched/direct ratio by up to 20%. The flags apply to this build only, never to the
 #   repository's tests.
-# - Runs the criterion benches (benches/calls.rs, benches/unpatched.rs) ROUNDS times, each round
+# - Runs the criterion benches (benches/calls.rs, pressure.rs, unpatched.rs) ROUNDS times, each round
 #   saved as criterion baseline `roundN`, and benches/latency.rs once per round; the report gives
 #   the median over rounds and the spread, ratios always taken within one round.
+# - Rebuilds benches/calls.rs and pressure.rs with every function aligned to 32 and to 64 bytes
+#   and runs them once more for each (PLACEMENTS), to show how much code placement moves ratios.
 # - Counts instructions per call with callgrind (scripts/icount.py).
 # - Writes the chart (docs/benchmarks-calls.svg) and the results section of docs/benchmarks.md
 #   (scripts/report.py).
@@ -18,6 +20,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROUNDS=${ROUNDS:-3}
+# Extra code placements for the per-call benches: every function aligned to 2^N bytes (the
+# rounds above use LLVM's default, 16). Straight-line sites (the 1,024-site test) are not
+# covered by loop alignment, so their spread across placements is reported instead.
+PLACEMENTS=${PLACEMENTS:-"5 6"}
 WARMUP=${WARMUP:-0.5}
 MEASURE=${MEASURE:-2}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target/bench-aligned}
@@ -43,13 +49,23 @@ cargo bench --no-run --quiet
 for round in $(seq 1 "$ROUNDS"); do
     echo "==> round $round/$ROUNDS (load: $(cut -d' ' -f1-3 /proc/loadavg))"
     echo "round $round load before: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$out/machine.txt"
-    for bench in calls unpatched; do
+    for bench in calls pressure unpatched; do
         cargo bench --quiet --bench "$bench" -- --save-baseline "round$round" \
             --warm-up-time "$WARMUP" --measurement-time "$MEASURE" 2>&1 |
             grep -E '^[a-z0-9_]+/|time:' || true
     done
     STATIC_CALL_BENCH_OUT="$out/round$round" cargo bench --quiet --bench latency
     echo "round $round load after: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$out/machine.txt"
+done
+
+main_target=$CARGO_TARGET_DIR
+for log2 in $PLACEMENTS; do
+    echo "==> placement: functions aligned to $((1 << log2)) bytes"
+    CARGO_TARGET_DIR="$main_target/place$log2" CRITERION_HOME="$main_target/criterion" \
+        RUSTFLAGS="$RUSTFLAGS -C llvm-args=-align-all-functions=$log2" \
+        cargo bench --quiet --bench calls --bench pressure -- --save-baseline "place$((1 << log2))" \
+        --warm-up-time "$WARMUP" --measurement-time "$MEASURE" 'call/|pressure' 2>&1 |
+        grep -E '^[a-z0-9_]+/|time:' || true
 done
 
 echo "==> instruction counts (callgrind)"
