@@ -504,7 +504,7 @@ macro_rules! __site_asm {
         // patching the call goes to that target directly. Either way the callee is an
         // `extern "C"` function of the key's signature, and `clobber_abi("C")` tells the compiler
         // everything such a call may clobber. The stack is aligned for a call because the block
-        // does not claim `nostack`.
+        // does not claim `nostack` and clobbers r15 (see below).
         unsafe {
             ::core::arch::asm!(
                 "/* static_call site {id} */",
@@ -521,6 +521,12 @@ macro_rules! __site_asm {
                 in("xmm3") regs.xmm[3], in("xmm4") regs.xmm[4], in("xmm5") regs.xmm[5],
                 in("xmm6") regs.xmm[6], in("xmm7") regs.xmm[7],
                 lateout("rax") rax, lateout("xmm0") xmm0,
+                // Not used: declaring a callee-saved register clobbered makes LLVM place the
+                // function's prologue, and with it the 16-byte stack alignment a `call` needs,
+                // before this block. Without it, LLVM's shrink-wrapping can leave the prologue
+                // on another path (e.g. a `match` whose other arm panics) and the `call` runs
+                // with rsp misaligned by 8, which breaks the trampoline and every target.
+                lateout("r15") _,
                 clobber_abi("C"),
             );
         }

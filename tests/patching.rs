@@ -147,57 +147,77 @@ fn update_before_a_sites_first_run_is_what_the_first_run_calls() {
     }
 }
 
+/// Calls the `i`-th of 64 call sites of `$key` with `(a, b)`. Each arm is its own inline asm
+/// block, inlined into the calling function, so the 64 are distinct sites in every build; each
+/// passes `a + n` and subtracts `n` again, so that LLVM sees 64 different arms and merges none.
+/// (Shims taken as function pointers would not do: identical shims of one key are merged into
+/// one function in release builds.)
+macro_rules! sixty_four_sites {
+    ($key:ident, $i:expr, $a:expr, $b:expr) => {
+        sixty_four_sites!(@arms $key, $i, $a, $b; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18
+            19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47
+            48 49 50 51 52 53 54 55 56 57 58 59 60 61 62 63)
+    };
+    (@arms $key:ident, $i:expr, $a:expr, $b:expr; $($n:literal)*) => {
+        match $i {
+            $($n => static_call!($key)($a + $n, $b) - $n,)*
+            _ => unreachable!(),
+        }
+    };
+}
+
 define_static_call!(RACE: extern "C" fn(i64, i64) -> i64 = add);
 
-/// The worker must read the target when it patches, not when the site was queued: call many
+#[inline(never)]
+fn race_sites(i: i64, a: i64, b: i64) -> i64 {
+    sixty_four_sites!(RACE, i, a, b)
+}
+
+/// The worker must read the target when it patches, not when the site was queued: call 64
 /// fresh sites once, then update at once, before the worker can have patched them all.
 #[test]
 fn sites_queued_before_an_update_are_patched_to_the_new_target() {
-    macro_rules! fresh_sites {
-        ($($n:literal)*) => { [$( { let _ = $n; black_box(static_call!(RACE)) } ),*] };
-    }
-    let sites = fresh_sites!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26
-        27 28 29 30 31 32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57
-        58 59 60 61 62 63);
-    for f in sites {
-        assert_eq!(f(7, 2), 9);
+    for i in 0..64 {
+        assert_eq!(race_sites(i, 7, 2), 9);
     }
     RACE.update(sub);
     static_call::flush();
-    for f in sites {
-        assert_eq!(f(7, 2), 5);
-        if patching() {
-            assert_calls(
-                only_site(addr(f), RACE.as_ptr() as usize),
-                RACE.query() as usize,
-                "sub",
-            );
-        }
+    for i in 0..64 {
+        assert_eq!(race_sites(i, 7, 2), 5);
     }
+    if patching() {
+        assert_eq!(RACE.sites().len(), 64, "64 distinct sites");
+    }
+    common::assert_sites_call(|| RACE.sites(), RACE.query() as usize, "sub");
 }
 
 define_static_call!(BURST: extern "C" fn(i64, i64) -> i64 = add);
 
+#[inline(never)]
+fn burst_sites(i: i64, a: i64, b: i64) -> i64 {
+    sixty_four_sites!(BURST, i, a, b)
+}
+
 #[test]
 fn flush_returns_with_a_burst_of_new_sites_patched_and_is_free_when_idle() {
-    macro_rules! sites {
-        ($($n:literal)*) => { [$( { let _ = $n; black_box(static_call!(BURST)) } ),*] };
-    }
-    let sites = sites!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27
-        28 29 30 31);
-    for f in sites {
-        assert_eq!(f(1, 1), 2);
+    for i in 0..64 {
+        assert_eq!(burst_sites(i, 1, 1), 2);
     }
     static_call::flush();
     if patching() {
-        for f in sites {
-            assert_calls(
-                only_site(addr(f), BURST.as_ptr() as usize),
-                BURST.query() as usize,
-                "add",
-            );
+        let sites = BURST.sites();
+        assert_eq!(sites.len(), 64, "64 distinct sites");
+        assert!(
+            sites.iter().all(|s| s.state == SiteState::Patched),
+            "{sites:?}"
+        );
+        for s in &sites {
+            assert_calls(s.address, BURST.query() as usize, "add");
         }
-        assert!(BURST.sites().iter().all(|s| s.state == SiteState::Patched));
+        // With nothing queued, flush does no work at all.
+        let before = static_call::stats();
+        static_call::flush();
+        assert_eq!(static_call::stats().batches, before.batches);
     }
 }
 
@@ -331,6 +351,63 @@ fn a_site_reached_with_two_keys_is_never_patched_and_always_calls_the_right_targ
     let aligned =
         aligned.expect("the `call rel32` site is recognised as a site without a proven key");
     assert_eq!(common::call_target(aligned.address), Some(trampoline()));
+}
+
+// A target that returns rsp mod 16 as it was on entry: 8 when the caller respected the ABI.
+#[cfg(target_arch = "x86_64")]
+core::arch::global_asm!(
+    ".globl static_call_test_rsp_mod16",
+    "static_call_test_rsp_mod16:",
+    "mov rax, rsp",
+    "and eax, 15",
+    "add rax, rdi",
+    "ret",
+);
+#[cfg(target_arch = "x86_64")]
+unsafe extern "C" {
+    /// Returns rsp mod 16 as it was on entry (8 when the caller respected the ABI), plus `x`.
+    fn static_call_test_rsp_mod16(x: i64) -> i64;
+}
+
+#[cfg(target_arch = "x86_64")]
+define_static_call!(RSP: unsafe extern "C" fn(i64) -> i64 = static_call_test_rsp_mod16);
+
+/// Sites in the shape that once broke: a `match` whose default arm panics, where LLVM's
+/// shrink-wrapping put the prologue (and the stack alignment) on the panicking path only.
+#[cfg(target_arch = "x86_64")]
+#[inline(never)]
+fn rsp_at_entry(i: i64, x: i64) -> i64 {
+    // SAFETY: the target only reads rsp.
+    unsafe {
+        match i {
+            0 => static_call!(RSP)(x),
+            1 => static_call!(RSP)(x + 1) - 1,
+            2 => static_call!(RSP)(x + 2) - 2,
+            3 => static_call!(RSP)(x + 3) - 3,
+            _ => unreachable!(),
+        }
+    }
+}
+
+/// Every site calls with the stack aligned as System V requires, through the trampoline (which
+/// tail-jumps with the caller's rsp) and once patched, whatever the shape of the caller.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn sites_call_with_the_stack_aligned() {
+    for round in 0..2 {
+        for i in 0..4 {
+            assert_eq!(
+                rsp_at_entry(black_box(i), 100),
+                108,
+                "site {i}, round {round}"
+            );
+        }
+        static_call::flush();
+    }
+    if patching() {
+        assert_eq!(RSP.sites().len(), 4);
+        assert!(RSP.sites().iter().all(|s| s.state == SiteState::Patched));
+    }
 }
 
 #[test]
