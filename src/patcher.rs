@@ -347,7 +347,16 @@ pub(crate) fn update(changes: &[(&RawKey, RawTarget)]) -> Result<(), Error> {
     for &(key, target) in changes {
         key.set_target(target);
     }
-    let result = write(rt, &mut plan);
+    commit(rt, &mut plan, restore_targets)
+}
+
+/// Writes `plan` and turns the outcome into the result of an all-or-nothing operation: if a
+/// site that must change could not be written (its page refused, or its bytes changed during
+/// the write), everything written is undone, `undo` restores whatever else the operation
+/// changed, and the error names the site. Sites on the trampoline that could not be upgraded
+/// are fine where they are.
+fn commit(rt: &Runtime, plan: &mut [Planned], undo: impl FnOnce()) -> Result<(), Error> {
+    let result = write(rt, plan);
     let first_required = plan.iter().find(|p| p.required).map(|p| p.write.addr);
     match result {
         Err(WriteError::Protect(errno)) => {
@@ -355,7 +364,7 @@ pub(crate) fn update(changes: &[(&RawKey, RawTarget)]) -> Result<(), Error> {
             match first_required {
                 // Nothing was written; the sites that call the old targets directly still do.
                 Some(site) => {
-                    restore_targets();
+                    undo();
                     Err(Error {
                         site: Some(site),
                         kind: ErrorKind::WriteRefused { errno },
@@ -376,8 +385,8 @@ pub(crate) fn update(changes: &[(&RawKey, RawTarget)]) -> Result<(), Error> {
             None => Ok(()),
             Some(failed) => {
                 let site = failed.write.addr;
-                restore_targets();
-                roll_back(rt, &mut plan);
+                undo();
+                roll_back(rt, plan);
                 Err(Error {
                     site: Some(site),
                     kind: ErrorKind::ForeignBytes,
@@ -397,46 +406,63 @@ fn plan_retarget(
     locked: &Locked,
 ) -> Result<(), Error> {
     for (index, slot) in list(rt, key, locked) {
-        let info = Info::load(slot);
-        if info.status != LIVE {
-            continue;
-        }
         let site = slot.site.load(Ordering::Relaxed);
-        let on_trampoline = info.insn == trampoline_insn(rt, site);
         let (want, reason) = desired(rt, site, target);
-        if want == info.insn {
-            Info::live(want, reason).store(slot);
-            continue;
+        plan_site(rt, index, slot, want, reason, plan)?;
+    }
+    Ok(())
+}
+
+/// Plans turning the LIVE site in `slot` into `want` (`reason`: why that is the trampoline, if
+/// it is). A site already holding `want` only gets its record refreshed; a site on the
+/// trampoline stays there while writes are refused; a site whose bytes someone else changed is
+/// left alone if it is on the trampoline, and fails the operation if it calls a target directly.
+fn plan_site(
+    rt: &Runtime,
+    index: u32,
+    slot: &Slot,
+    want: Insn,
+    reason: Option<Reason>,
+    plan: &mut Vec<Planned>,
+) -> Result<(), Error> {
+    let info = Info::load(slot);
+    if info.status != LIVE {
+        return Ok(());
+    }
+    let site = slot.site.load(Ordering::Relaxed);
+    if want == info.insn {
+        Info::live(want, reason).store(slot);
+        return Ok(());
+    }
+    let on_trampoline = info.insn == trampoline_insn(rt, site);
+    if on_trampoline && runtime::mode().is_err() {
+        // Writes are refused (or patching is off): the site is correct where it is.
+        return Ok(());
+    }
+    // SAFETY: LIVE sites were verified to lie in our executable segments; 8-aligned.
+    let word = unsafe { linux::read_word(site) };
+    if arch::insn_of(word) != info.insn {
+        if on_trampoline {
+            Info::blocked(Reason::ForeignBytes).store(slot);
+            return Ok(());
         }
-        if on_trampoline && runtime::mode().is_err() {
-            // Writes are refused (or patching is off): the site is correct where it is.
-            continue;
-        }
-        // SAFETY: LIVE sites were verified to lie in our executable segments; 8-aligned.
-        let word = unsafe { linux::read_word(site) };
-        if arch::insn_of(word) != info.insn {
-            if on_trampoline {
-                Info::blocked(Reason::ForeignBytes).store(slot);
-                continue;
-            }
-            return Err(Error {
-                site: Some(site),
-                kind: ErrorKind::ForeignBytes,
-            });
-        }
-        plan.push(Planned {
-            index,
-            write: Write {
-                addr: site,
-                old: word,
-                new: arch::with_insn(word, want),
-                done: false,
-            },
-            required: !on_trampoline,
-            reason,
-            before: info,
+        return Err(Error {
+            site: Some(site),
+            kind: ErrorKind::ForeignBytes,
         });
     }
+    plan.push(Planned {
+        index,
+        write: Write {
+            addr: site,
+            old: word,
+            new: arch::with_insn(word, want),
+            done: false,
+        },
+        required: !on_trampoline,
+        reason,
+        before: info,
+    });
     Ok(())
 }
 
@@ -474,60 +500,19 @@ pub(crate) fn unpatch_all() -> Result<(), Error> {
     let why = Reason::Disabled(runtime::mode().err().unwrap_or(Disabled::Unpatched));
     let mut plan = Vec::new();
     for (index, slot) in rt.registry.claimed() {
-        if slot.state.load(Ordering::Acquire) != SETTLED {
-            continue;
+        if slot.state.load(Ordering::Acquire) == SETTLED {
+            let site = slot.site.load(Ordering::Relaxed);
+            plan_site(
+                rt,
+                index,
+                slot,
+                trampoline_insn(rt, site),
+                Some(why),
+                &mut plan,
+            )?;
         }
-        let info = Info::load(slot);
-        let site = slot.site.load(Ordering::Relaxed);
-        let trampoline = trampoline_insn(rt, site);
-        if info.status != LIVE {
-            continue;
-        }
-        if info.insn == trampoline {
-            Info::live(trampoline, Some(why)).store(slot);
-            continue;
-        }
-        // SAFETY: LIVE sites were verified to lie in our executable segments; 8-aligned.
-        let word = unsafe { linux::read_word(site) };
-        if arch::insn_of(word) != info.insn {
-            return Err(Error {
-                site: Some(site),
-                kind: ErrorKind::ForeignBytes,
-            });
-        }
-        plan.push(Planned {
-            index,
-            write: Write {
-                addr: site,
-                old: word,
-                new: arch::with_insn(word, trampoline),
-                done: false,
-            },
-            required: true,
-            reason: Some(why),
-            before: info,
-        });
     }
-    match write(rt, &mut plan) {
-        Err(WriteError::Protect(errno)) => {
-            let site = plan.first().map(|p| p.write.addr);
-            Err(Error {
-                site,
-                kind: ErrorKind::WriteRefused { errno },
-            })
-        }
-        Err(WriteError::Sync(errno)) => Err(Error {
-            site: None,
-            kind: ErrorKind::CoreSyncFailed { errno },
-        }),
-        Ok(()) => match plan.iter().find(|p| !p.write.done) {
-            Some(p) => Err(Error {
-                site: Some(p.write.addr),
-                kind: ErrorKind::ForeignBytes,
-            }),
-            None => Ok(()),
-        },
-    }
+    commit(rt, &mut plan, || {})
 }
 
 /// Every site registered with `key`, for `StaticCall::sites`.
