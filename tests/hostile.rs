@@ -143,73 +143,13 @@ fn set_mdwe() -> bool {
     r == 0
 }
 
-/// Installs a seccomp filter on this thread (and the threads it creates) that makes each listed
-/// system call fail with the given errno and allows everything else.
+/// Installs a seccomp filter (see `common::install_seccomp`); the scenarios need it to work.
 fn install_seccomp(deny: &[(i64, i32)]) {
-    #[repr(C)]
-    struct SockFilter {
-        code: u16,
-        jt: u8,
-        jf: u8,
-        k: u32,
-    }
-    #[repr(C)]
-    struct SockFprog {
-        len: u16,
-        filter: *const SockFilter,
-    }
-    const LD_W_ABS: u16 = 0x20;
-    const JEQ_K: u16 = 0x15;
-    const RET_K: u16 = 0x06;
-    const RET_ALLOW: u32 = 0x7fff_0000;
-    const RET_ERRNO: u32 = 0x0005_0000;
-    let mut prog = vec![SockFilter {
-        code: LD_W_ABS,
-        jt: 0,
-        jf: 0,
-        k: 0,
-    }];
-    for &(nr, errno) in deny {
-        prog.push(SockFilter {
-            code: JEQ_K,
-            jt: 0,
-            jf: 1,
-            k: nr as u32,
-        });
-        prog.push(SockFilter {
-            code: RET_K,
-            jt: 0,
-            jf: 0,
-            k: RET_ERRNO | errno as u32,
-        });
-    }
-    prog.push(SockFilter {
-        code: RET_K,
-        jt: 0,
-        jf: 0,
-        k: RET_ALLOW,
-    });
-    let fprog = SockFprog {
-        len: prog.len() as u16,
-        filter: prog.as_ptr(),
-    };
-    // SAFETY: prctl with a valid, live filter program.
-    unsafe {
-        assert_eq!(
-            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1u64, 0u64, 0u64, 0u64),
-            0
-        );
-        assert_eq!(
-            libc::prctl(
-                libc::PR_SET_SECCOMP,
-                libc::SECCOMP_MODE_FILTER as u64,
-                &fprog as *const SockFprog
-            ),
-            0,
-            "{}",
-            io::Error::last_os_error()
-        );
-    }
+    assert!(
+        common::install_seccomp(deny),
+        "seccomp: {}",
+        io::Error::last_os_error()
+    );
 }
 
 fn assert_all_on_trampoline(why: Reason) {

@@ -389,45 +389,10 @@ fn a_dlopened_library_patches_its_own_sites_and_stays_mapped() {
 /// ENOSYS and `clone` with EAGAIN: `pthread_create` then fails with EAGAIN, and so does the
 /// library's attempt to start its worker. False if seccomp is unavailable.
 fn refuse_threads_on_this_thread() -> bool {
-    #[repr(C)]
-    struct SockFilter {
-        code: u16,
-        jt: u8,
-        jf: u8,
-        k: u32,
-    }
-    #[repr(C)]
-    struct SockFprog {
-        len: u16,
-        filter: *const SockFilter,
-    }
-    const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
-    const JEQ_K: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
-    const RET_K: u16 = 0x06; // BPF_RET | BPF_K
-    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
-    const RET_ALLOW: u32 = 0x7fff_0000;
-    const RET_ERRNO: u32 = 0x0005_0000;
-    const SECCOMP_SET_MODE_FILTER: u32 = 1;
-    let insn = |code, jt, jf, k| SockFilter { code, jt, jf, k };
-    let filter = [
-        insn(LD_W_ABS, 0, 0, 4), // seccomp_data.arch
-        insn(JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
-        insn(RET_K, 0, 0, RET_ALLOW),
-        insn(LD_W_ABS, 0, 0, 0), // seccomp_data.nr
-        insn(JEQ_K, 0, 1, libc::SYS_clone3 as u32),
-        insn(RET_K, 0, 0, RET_ERRNO | libc::ENOSYS as u32),
-        insn(JEQ_K, 0, 1, libc::SYS_clone as u32),
-        insn(RET_K, 0, 0, RET_ERRNO | libc::EAGAIN as u32),
-        insn(RET_K, 0, 0, RET_ALLOW),
-    ];
-    let prog = SockFprog {
-        len: filter.len() as u16,
-        filter: filter.as_ptr(),
-    };
-    unsafe {
-        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
-            && libc::syscall(libc::SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) == 0
-    }
+    common::install_seccomp(&[
+        (libc::SYS_clone3, libc::ENOSYS),
+        (libc::SYS_clone, libc::EAGAIN),
+    ])
 }
 
 /// One scenario, in a child process of this test (the library can be pinned only once per

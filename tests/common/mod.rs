@@ -150,41 +150,42 @@ pub fn disassemble(func: usize, len: usize) -> String {
 }
 
 /// Flushes, then checks that every registered site of a key (`key.sites()`, taken after the
-/// flush) is patched and calls `target` (the key's `query()`). Nothing to check in the fallback.
+/// flush) is patched and passes `check`. Nothing to check where sites are not patched.
+#[track_caller]
+fn assert_patched_sites(
+    sites: impl Fn() -> Vec<static_call::SiteInfo>,
+    check: impl Fn(&static_call::SiteInfo),
+) {
+    if !patching() {
+        return;
+    }
+    static_call::flush();
+    let sites = sites();
+    assert!(!sites.is_empty(), "no site registered");
+    for s in &sites {
+        assert_eq!(s.state, static_call::SiteState::Patched, "{s:?}");
+        check(s);
+    }
+}
+
+/// Every registered site of a key is patched and calls `target` (the key's `query()`).
 #[track_caller]
 pub fn assert_sites_call(
     sites: impl Fn() -> Vec<static_call::SiteInfo>,
     target: usize,
     what: &str,
 ) {
-    if !patching() {
-        return;
-    }
-    static_call::flush();
-    let sites = sites();
-    assert!(!sites.is_empty(), "no site registered");
-    for s in &sites {
-        assert_eq!(s.state, static_call::SiteState::Patched, "{s:?}");
-        assert_calls(s.address, target, what);
-    }
+    assert_patched_sites(sites, |s| assert_calls(s.address, target, what));
 }
 
-/// Flushes, then checks that every registered site of a key holds exactly `bytes` (a NOP or
-/// `xor eax, eax`).
+/// Every registered site of a key holds exactly `bytes` (a NOP or `xor eax, eax`).
 #[track_caller]
 pub fn assert_sites_hold(
     sites: impl Fn() -> Vec<static_call::SiteInfo>,
     bytes: [u8; 5],
     what: &str,
 ) {
-    if !patching() {
-        return;
-    }
-    static_call::flush();
-    let sites = sites();
-    assert!(!sites.is_empty(), "no site registered");
-    for s in &sites {
-        assert_eq!(s.state, static_call::SiteState::Patched, "{s:?}");
+    assert_patched_sites(sites, |s| {
         let insn = decode(s.address);
         assert_eq!(
             (read(s.address, 5), insn.len()),
@@ -193,5 +194,54 @@ pub fn assert_sites_hold(
             s.address,
             format(&insn)
         );
+    });
+}
+
+/// Installs a seccomp filter on the calling thread (and the threads it creates) that makes each
+/// listed system call fail with the given errno and allows everything else. False if seccomp is
+/// unavailable.
+pub fn install_seccomp(deny: &[(i64, i32)]) -> bool {
+    #[repr(C)]
+    struct SockFilter {
+        code: u16,
+        jt: u8,
+        jf: u8,
+        k: u32,
+    }
+    #[repr(C)]
+    struct SockFprog {
+        len: u16,
+        filter: *const SockFilter,
+    }
+    const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JEQ_K: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const RET_K: u16 = 0x06; // BPF_RET | BPF_K
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    const RET_ERRNO: u32 = 0x0005_0000;
+    let insn = |code, jt, jf, k| SockFilter { code, jt, jf, k };
+    let mut filter = vec![
+        insn(LD_W_ABS, 0, 0, 4), // seccomp_data.arch: other architectures pass untouched
+        insn(JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
+        insn(RET_K, 0, 0, RET_ALLOW),
+        insn(LD_W_ABS, 0, 0, 0), // seccomp_data.nr
+    ];
+    for &(nr, errno) in deny {
+        filter.push(insn(JEQ_K, 0, 1, nr as u32));
+        filter.push(insn(RET_K, 0, 0, RET_ERRNO | errno as u32));
+    }
+    filter.push(insn(RET_K, 0, 0, RET_ALLOW));
+    let prog = SockFprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr(),
+    };
+    // SAFETY: prctl with integer arguments and a valid, live filter program.
+    unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1u64, 0u64, 0u64, 0u64) == 0
+            && libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER as u64,
+                &prog as *const SockFprog,
+            ) == 0
     }
 }
