@@ -1,9 +1,10 @@
 //! The site registry: every call site that has reached the trampoline, found by the address of
 //! its `call` instruction.
 //!
-//! A fixed-size open-addressing hash table with linear probing, allocated once when the library
+//! A fixed-size open-addressing hash table with linear probing, mapped once when the library
 //! initialises and never freed, moved or shrunk, so a slot's index is stable for the life of the
-//! process. The trampoline's slow path looks sites up and claims new slots here without a lock:
+//! process. Its pages are mapped by the kernel as slots are first written; the hash spreads
+//! sites over the table, so each of the first few hundred sites touches a page of its own. The trampoline's slow path looks sites up and claims new slots here without a lock:
 //! one probe sequence of loads for a known site (no store to any shared cache line), one
 //! compare-exchange for a new one.
 //!
@@ -43,7 +44,7 @@ pub(crate) const RETRY: u32 = 2;
 pub(crate) const SETTLED: u32 = 3;
 
 /// How many slots the patch queue and the registry hold by default.
-pub(crate) const DEFAULT_CAPACITY: usize = 1 << 16;
+pub(crate) const DEFAULT_CAPACITY: usize = 1 << 14;
 /// A lookup gives up after this many occupied slots: the table is too full to be worth it.
 const MAX_PROBES: usize = 256;
 
@@ -81,7 +82,7 @@ pub(crate) enum Lookup<'a> {
 }
 
 pub(crate) struct Registry {
-    slots: Box<[Slot]>,
+    slots: &'static [Slot],
     shift: u32,
     /// Sites registered, for `status()`. Relaxed: a statistic.
     pub count: AtomicUsize,
@@ -159,27 +160,40 @@ impl Registry {
     }
 }
 
-/// `capacity` free slots.
+/// `capacity` free slots in fresh anonymous memory. Zero pages are free slots, and the kernel
+/// maps a page only when a slot on it is first written, so an unused registry costs no memory.
+/// (The global allocator would not do: for `Slot`'s 32-byte alignment, its `alloc_zeroed`
+/// allocates and then writes zeros over every page.)
 #[cfg(not(all(test, loom)))]
-fn free_slots(capacity: usize) -> Box<[Slot]> {
-    let layout = std::alloc::Layout::array::<Slot>(capacity).expect("registry size");
-    // SAFETY: the layout is non-zero-sized. All-zero bytes are a valid free `Slot` (atomics
-    // holding 0, a null pointer), so the zeroed allocation is `capacity` initialised slots
-    // and may be owned by a `Box<[Slot]>` with the same layout. Large zeroed allocations
-    // come straight from mmap: pages nobody touches cost no memory.
-    unsafe {
-        let ptr = std::alloc::alloc_zeroed(layout) as *mut Slot;
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        Box::from_raw(core::ptr::slice_from_raw_parts_mut(ptr, capacity))
+fn free_slots(capacity: usize) -> &'static [Slot] {
+    let bytes = capacity * size_of::<Slot>();
+    // SAFETY: a fresh private anonymous mapping: no other reference to it exists.
+    let ptr = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        panic!(
+            "static_call: cannot map a site registry of {bytes} bytes: {}",
+            std::io::Error::last_os_error()
+        );
     }
+    // SAFETY: the mapping is `bytes` long, page-aligned (so aligned for `Slot`) and reads as
+    // zeros, and all-zero bytes are a valid free `Slot` (atomics holding 0, a null pointer). It
+    // is never unmapped: the registry lives as long as the process (tests leak theirs).
+    unsafe { core::slice::from_raw_parts(ptr as *const Slot, capacity) }
 }
 
 /// `capacity` free slots, built one by one: loom's atomics are not plain memory, so zeroed bytes
 /// are not loom atomics holding 0.
 #[cfg(all(test, loom))]
-fn free_slots(capacity: usize) -> Box<[Slot]> {
+fn free_slots(capacity: usize) -> &'static [Slot] {
     (0..capacity)
         .map(|_| Slot {
             site: AtomicUsize::new(0),
@@ -188,7 +202,8 @@ fn free_slots(capacity: usize) -> Box<[Slot]> {
             next: AtomicU32::new(0),
             info: AtomicU64::new(0),
         })
-        .collect()
+        .collect::<Vec<_>>()
+        .leak()
 }
 
 #[cfg(all(test, not(loom)))]
