@@ -16,7 +16,7 @@
 use core::cell::UnsafeCell;
 use core::sync::atomic::Ordering;
 
-use crate::arch::x86_64::{self as arch, Insn, PROLOGUE, SiteInsn, WORD};
+use crate::arch::x86_64::{self as arch, Insn, PROLOGUE, SiteInsn, SiteWord, WORD};
 use crate::diagnostics::{Disabled, Error, ErrorKind, Reason, SiteInfo, SiteState, Status};
 use crate::key::{RawKey, RawTarget};
 use crate::os::linux::{self, Write, WriteError};
@@ -97,7 +97,7 @@ impl Info {
 
     fn unpack(v: u64) -> Info {
         Info {
-            insn: arch::insn_of(v),
+            insn: arch::unpack(v),
             status: (v >> 40) as u8,
             reason: (v >> 48) as u16,
         }
@@ -116,6 +116,11 @@ impl Info {
 #[derive(Clone, Copy)]
 struct Planned {
     index: u32,
+    /// The site's call instruction.
+    site: usize,
+    /// The five bytes being written there.
+    insn: Insn,
+    /// The swap of the site's quadword.
     write: Write,
     /// The site currently calls something other than the trampoline, so leaving it unwritten
     /// would leave it on the old target.
@@ -124,6 +129,26 @@ struct Planned {
     reason: Option<Reason>,
     /// The site's record before this write, for a rollback.
     before: Info,
+}
+
+impl Planned {
+    /// Writing `insn` over the site at `site`, whose quadword (`at`) holds `word`.
+    fn new(index: u32, site: usize, at: SiteWord, word: u64, insn: Insn, before: Info) -> Planned {
+        Planned {
+            index,
+            site,
+            insn,
+            write: Write {
+                addr: at.addr,
+                old: word,
+                new: at.with(word, insn),
+                done: false,
+            },
+            required: false,
+            reason: None,
+            before,
+        }
+    }
 }
 
 /// `call trampoline` at `site`; always encodable, the trampoline lives in the same object.
@@ -144,34 +169,32 @@ fn desired(rt: &Runtime, site: usize, target: RawTarget) -> (Insn, Option<Reason
     }
 }
 
-/// Checks that `site` is one of our sites bound to `key`; returns its quadword.
-fn verify(rt: &Runtime, site: usize, key: &RawKey) -> Result<u64, Reason> {
+/// Checks that `site` is one of our sites bound to `key`; returns its quadword and its value.
+fn verify(rt: &Runtime, site: usize, key: &RawKey) -> Result<(SiteWord, u64), Reason> {
     let object = rt
         .object
         .as_ref()
         .ok_or(Reason::Disabled(Disabled::ObjectNotFound))?;
-    if !site.is_multiple_of(WORD) {
-        return Err(Reason::NotASite);
-    }
+    let at = SiteWord::of(site).ok_or(Reason::NotASite)?;
     let start = site.checked_sub(PROLOGUE).ok_or(Reason::NotASite)?;
     object
-        .exec_segment(start, site + WORD)
+        .exec_segment(start, at.addr + WORD)
         .ok_or(Reason::NotASite)?;
     let mut code = [0u8; PROLOGUE + arch::INSN_LEN];
-    // SAFETY: [start, site + WORD) lies in one of our executable segments, which stay mapped
-    // (our own object is pinned), and `site` is 8-aligned.
+    // SAFETY: [start, at.addr + WORD) lies in one of our executable segments, which stay mapped
+    // (our own object is pinned), and `at.addr` is 8-aligned.
     let word = unsafe {
         linux::read_code(start, &mut code);
-        linux::read_word(site)
+        linux::read_word(at.addr)
     };
-    if code[PROLOGUE..] != arch::insn_of(word) {
+    if code[PROLOGUE..] != at.insn(word) {
         return Err(Reason::ForeignBytes);
     }
     let bound = arch::prove_site(&code, start as u64, rt.trampoline as u64)?;
     if bound != key.addr() as u64 || !object.holds_data(key.addr(), size_of::<RawKey>()) {
         return Err(Reason::KeyNotProven);
     }
-    Ok(word)
+    Ok((at, word))
 }
 
 /// Iterates over a key's list of LIVE sites.
@@ -262,26 +285,18 @@ fn settle_one(
     }
     let key = slot.key();
     let site = slot.site.load(Ordering::Relaxed);
-    let word = match verify(rt, site, key) {
-        Ok(word) => word,
+    let (at, word) = match verify(rt, site, key) {
+        Ok(found) => found,
         Err(reason) => return Info::blocked(reason),
     };
     link(rt, key, index, locked);
-    let here = arch::insn_of(word);
+    let here = at.insn(word);
     let (want, reason) = desired(rt, site, key.target());
     let info = Info::live(here, reason);
     if want != here {
         plan.push(Planned {
-            index,
-            write: Write {
-                addr: site,
-                old: word,
-                new: arch::with_insn(word, want),
-                done: false,
-            },
-            required: false,
             reason,
-            before: info,
+            ..Planned::new(index, site, at, word, want, info)
         });
     }
     info
@@ -313,7 +328,7 @@ fn write(rt: &Runtime, plan: &mut [Planned]) -> Result<(), WriteError> {
                     ..Info::load(slot)
                 }
             }
-            _ if p.write.done => Info::live(arch::insn_of(p.write.new), p.reason),
+            _ if p.write.done => Info::live(p.insn, p.reason),
             _ => Info::blocked(Reason::ForeignBytes),
         };
         info.store(slot);
@@ -357,7 +372,7 @@ pub(crate) fn update(changes: &[(&RawKey, RawTarget)]) -> Result<(), Error> {
 /// are fine where they are.
 fn commit(rt: &Runtime, plan: &mut [Planned], undo: impl FnOnce()) -> Result<(), Error> {
     let result = write(rt, plan);
-    let first_required = plan.iter().find(|p| p.required).map(|p| p.write.addr);
+    let first_required = plan.iter().find(|p| p.required).map(|p| p.site);
     match result {
         Err(WriteError::Protect(errno)) => {
             runtime::disable(Disabled::WriteRefused { errno });
@@ -384,7 +399,7 @@ fn commit(rt: &Runtime, plan: &mut [Planned], undo: impl FnOnce()) -> Result<(),
         Ok(()) => match plan.iter().find(|p| p.required && !p.write.done) {
             None => Ok(()),
             Some(failed) => {
-                let site = failed.write.addr;
+                let site = failed.site;
                 undo();
                 roll_back(rt, plan);
                 Err(Error {
@@ -439,9 +454,10 @@ fn plan_site(
         // Writes are refused (or patching is off): the site is correct where it is.
         return Ok(());
     }
-    // SAFETY: LIVE sites were verified to lie in our executable segments; 8-aligned.
-    let word = unsafe { linux::read_word(site) };
-    if arch::insn_of(word) != info.insn {
+    let at = SiteWord::of(site).expect("a verified site");
+    // SAFETY: LIVE sites were verified to lie in our executable segments; `at.addr` is aligned.
+    let word = unsafe { linux::read_word(at.addr) };
+    if at.insn(word) != info.insn {
         if on_trampoline {
             Info::blocked(Reason::ForeignBytes).store(slot);
             return Ok(());
@@ -452,16 +468,9 @@ fn plan_site(
         });
     }
     plan.push(Planned {
-        index,
-        write: Write {
-            addr: site,
-            old: word,
-            new: arch::with_insn(word, want),
-            done: false,
-        },
         required: !on_trampoline,
         reason,
-        before: info,
+        ..Planned::new(index, site, at, word, want, info)
     });
     Ok(())
 }

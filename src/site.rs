@@ -9,8 +9,9 @@
 //!
 //! ```text
 //! lea   r11, [rip + KEY (+ field offset)]   ; 7 bytes: the key binding the patcher proves
-//! <0..=7 bytes of NOP padding>              ; .p2align 3, chosen by the assembler
-//! call  <trampoline>                        ; E8 rel32 at an address ≡ 0 (mod 8)
+//! <0..=4 bytes of NOP padding>              ; .p2align 3,,4, chosen by the assembler
+//! call  <trampoline>                        ; E8 rel32 at an address ≡ 0..=3 (mod 8), so that
+//!                                           ; its 5 bytes lie in one aligned quadword
 //! ```
 //!
 //! Each site gets its own copy of the asm because the shim that contains it is generic over a
@@ -509,7 +510,7 @@ macro_rules! __site_asm {
             ::core::arch::asm!(
                 "/* static_call site {id} */",
                 "lea r11, [rip + {key} + {off}]",
-                ".p2align 3",
+                ".p2align 3,,4",
                 "call {trampoline}",
                 key = sym $base,
                 off = const $off,

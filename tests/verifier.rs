@@ -1,7 +1,7 @@
 //! Property test of the site verifier (`prove_site`), the last guard before a write: it must never
 //! accept bytes that are not one of our call sites with a proven key.
 //!
-//! A site is `lea r11, [rip + disp32]`, then only NOPs (0..=7 bytes, the `.p2align 3` padding),
+//! A site is `lea r11, [rip + disp32]`, then only NOPs (0..=4 bytes, the `.p2align 3,,4` padding),
 //! then `E8 rel32` calling exactly the trampoline, and exactly one padding length may decode.
 //! Every input is checked against an independent byte-level oracle (`oracle` below: it matches
 //! bytes and walks an explicit grammar of the NOP family; it shares nothing with iced-x86), over:
@@ -34,29 +34,26 @@ use std::fmt::Write as _;
 use static_call::__private::{SITE_PROLOGUE, prove_site};
 use static_call::Reason;
 
-/// Bytes before the call: the longest `lea` (7) plus the most padding (7). The oracle below is
+/// Bytes before the call: the longest `lea` (7) plus the most padding (4). The oracle below is
 /// written for exactly this layout.
-const PRO: usize = 14;
+const PRO: usize = 11;
 const _: () = assert!(SITE_PROLOGUE == PRO);
 /// Length of the input: prologue and the 5-byte call.
 const LEN: usize = PRO + 5;
 const LEA_LEN: usize = 7;
-const MAX_PAD: usize = 7;
+const MAX_PAD: usize = 4;
 
 /// Random cases per random category when `STATIC_CALL_FUZZ_ITERS` is not set.
 const DEFAULT_ITERS: u64 = 100_000;
 const DEFAULT_SEED: u64 = 0x5eed_57a7_c0de_ca11;
 
-/// The padding LLVM emits for `.p2align 3` after a 7-byte `lea`, by length.
-const LLVM_PADS: [&[u8]; 8] = [
+/// The padding LLVM emits for `.p2align 3,,4` after a 7-byte `lea`, by length.
+const LLVM_PADS: [&[u8]; MAX_PAD + 1] = [
     &[],
     &[0x90],
     &[0x66, 0x90],
     &[0x0f, 0x1f, 0x00],
     &[0x0f, 0x1f, 0x40, 0x00],
-    &[0x0f, 0x1f, 0x44, 0x00, 0x00],
-    &[0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00],
-    &[0x0f, 0x1f, 0x80, 0x00, 0x00, 0x00, 0x00],
 ];
 
 /// Other members of the NOP family (not what LLVM emits here, but NOPs all the same).
@@ -685,17 +682,17 @@ fn oracle_knows_sites_from_non_sites() {
 ///
 /// The verifier decodes backwards from the call, so it has to assume that the `lea` starts an
 /// instruction. Bytes that are not one of our asm blocks can make `4C 8D 1D` the tail of an
-/// earlier instruction. Here a `mov r11, [rip + X]` two bytes before the verifier's window
-/// position swallows the first four bytes of the "lea" as its displacement; what follows
+/// earlier instruction. Here a `mov r11, [rip + X]` that starts one byte before the verifier's
+/// window swallows the first four bytes of the "lea" as its displacement; what follows
 /// (`add al, 0`, `add al, 0x48`, `nop`) runs to the call without touching r11:
 ///
 /// ```text
-/// offset  bytes                  what the CPU runs             what the verifier proves
-/// 2       4C 8B 1D 4C 8D 1D D0   mov r11, [rip-0x2fe272b4]     .. lea r11, [rip+0x040004d0]
-/// 9       04 00                  add al, 0                     .. (its disp32)
-/// 11      04 48                  add al, 0x48                  .. (its disp32)
-/// 13      90                     nop                           nop (rex.w nop: 48 90)
-/// 14      E8 rel32               call trampoline               call trampoline
+/// window  bytes                  what the CPU runs             what the verifier proves
+/// -1      4C 8B 1D 4C 8D 1D D0   mov r11, [rip-0x2fe272b4]     .. lea r11, [rip+0x040004d0]
+/// 6       04 00                  add al, 0                     .. (its disp32)
+/// 8       04 48                  add al, 0x48                  .. (its disp32)
+/// 10      90                     nop                           nop (rex.w nop: 48 90)
+/// 11      E8 rel32               call trampoline               call trampoline
 /// ```
 ///
 /// So every run of that call passes whatever key pointer is stored at `rip - 0x2fe272b4` (a
@@ -716,21 +713,25 @@ fn oracle_knows_sites_from_non_sites() {
 fn lea_swallowed_by_an_earlier_instruction_proves_nothing() {
     let call_at: u64 = 0x5555_5555_8000;
     let tramp = call_at + 0x1000;
-    let mut code = [0xcc; LEN];
-    code[2..PRO].copy_from_slice(&[
+    // The code from one byte before the verifier's window to the end of the call.
+    let mut full = [0xcc; LEN + 1];
+    full[..PRO + 1].copy_from_slice(&[
         0x4c, 0x8b, 0x1d, // mov r11, [rip + disp32]: disp32 is the next four bytes
         0x4c, 0x8d, 0x1d, 0xd0, // the verifier's "lea r11, [rip + disp32]" starts here
         0x04, 0x00, // add al, 0 (the verifier's disp32, bytes 2-3)
         0x04, 0x48, // add al, 0x48 (disp32 byte 4, then the verifier's `48 90` NOP)
         0x90, // nop
     ]);
+    let mut window = [0xcc; LEN];
+    window[..PRO].copy_from_slice(&full[1..PRO + 1]);
     let c = Case {
-        code: with_call(code, call_at, tramp),
+        code: with_call(window, call_at, tramp),
         start: call_at - PRO as u64,
         tramp,
     };
-    // What the CPU runs from offset 2, decoded independently of the verifier.
-    let mut d = iced_x86::Decoder::with_ip(64, &c.code[2..], c.start + 2, 0);
+    full[1..].copy_from_slice(&c.code);
+    // What the CPU runs from the `mov`, decoded independently of the verifier.
+    let mut d = iced_x86::Decoder::with_ip(64, &full, c.start - 1, 0);
     let mov = d.decode();
     assert_eq!(mov.code(), iced_x86::Code::Mov_r64_rm64);
     assert_eq!(mov.op0_register(), iced_x86::Register::R11);

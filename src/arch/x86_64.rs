@@ -5,10 +5,14 @@
 //!
 //! ```text
 //! C - 7 - p:  4C 8D 1D d32     lea  r11, [rip + KEY]   the key binding (7 bytes)
-//! C - p:      <p bytes of NOP> padding, 0 <= p <= 7, chosen by the assembler
-//! C:          E8 r32           call <trampoline>       C = 0 (mod 8): the aligned quadword at C
-//!                                                      holds the whole call
+//! C - p:      <p bytes of NOP> padding, 0 <= p <= 4    `.p2align 3,,4`, chosen by the assembler
+//! C:          E8 r32           call <trampoline>       C = 0..=3 (mod 8): the aligned quadword
+//!                                                      holding C holds the whole call
 //! ```
+//!
+//! `.p2align 3,,4` aligns the call to 8 only when that costs at most 4 bytes of padding, so the
+//! call starts at offset 0, 1, 2 or 3 of its quadword, and its five bytes always fit in it. Half
+//! the sites need no padding at all (a plain `.p2align 3` would pad 7 sites in 8).
 //!
 //! Only the five bytes at `C` are ever rewritten, and always into one instruction of five bytes
 //! (never two: a thread preempted between two instructions would resume inside the next
@@ -22,11 +26,11 @@ use crate::diagnostics::Reason;
 pub const INSN_LEN: usize = 5;
 /// Length of the key binding `lea r11, [rip + disp32]`.
 const LEA_LEN: usize = 7;
-/// Most padding `.p2align 3` can put between the `lea` and the `call`.
-const MAX_PAD: usize = 7;
+/// Most padding `.p2align 3,,4` puts between the `lea` and the `call`.
+const MAX_PAD: usize = 4;
 /// Bytes the verifier reads before the call: the longest `lea` + padding.
 pub const PROLOGUE: usize = LEA_LEN + MAX_PAD;
-/// Alignment of the call instruction, and size of the word that is swapped.
+/// Size (and alignment) of the word that is swapped to rewrite a site.
 pub const WORD: usize = 8;
 
 /// Five bytes of code.
@@ -65,22 +69,52 @@ pub fn encode(site: usize, what: SiteInsn) -> Option<Insn> {
     }
 }
 
-/// Replaces the first five bytes of the little-endian quadword `word` with `insn`.
-pub fn with_insn(word: u64, insn: Insn) -> u64 {
-    let mut b = word.to_le_bytes();
-    b[..INSN_LEN].copy_from_slice(&insn);
-    u64::from_le_bytes(b)
+/// The aligned quadword holding a site's five bytes, and where in it they start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SiteWord {
+    /// Address of the quadword (8-aligned).
+    pub addr: usize,
+    offset: usize,
 }
 
-/// The first five bytes of the little-endian quadword `word`.
-pub fn insn_of(word: u64) -> Insn {
-    let b = word.to_le_bytes();
-    [b[0], b[1], b[2], b[3], b[4]]
+impl SiteWord {
+    /// The quadword of the call at `site`, or `None` if the five bytes would cross into the next
+    /// quadword (then the site cannot be rewritten with one swap, and is not one of ours).
+    pub fn of(site: usize) -> Option<SiteWord> {
+        let offset = site % WORD;
+        (offset + INSN_LEN <= WORD).then_some(SiteWord {
+            addr: site - offset,
+            offset,
+        })
+    }
+
+    /// The site's five bytes in the quadword's value `word` (little-endian).
+    pub fn insn(self, word: u64) -> Insn {
+        let b = word.to_le_bytes();
+        b[self.offset..self.offset + INSN_LEN]
+            .try_into()
+            .expect("five bytes")
+    }
+
+    /// `word` with the site's five bytes replaced by `insn`, the other three unchanged.
+    pub fn with(self, word: u64, insn: Insn) -> u64 {
+        let mut b = word.to_le_bytes();
+        b[self.offset..self.offset + INSN_LEN].copy_from_slice(&insn);
+        u64::from_le_bytes(b)
+    }
 }
 
 /// Packs five bytes into the low 40 bits of a u64, for storing.
 pub fn pack(insn: Insn) -> u64 {
-    with_insn(0, insn)
+    let mut b = [0; WORD];
+    b[..INSN_LEN].copy_from_slice(&insn);
+    u64::from_le_bytes(b)
+}
+
+/// The five bytes `pack` stored in the low 40 bits of `v`.
+pub fn unpack(v: u64) -> Insn {
+    let b = v.to_le_bytes();
+    [b[0], b[1], b[2], b[3], b[4]]
 }
 
 /// Proves that `code` is one of our call sites and returns the key it binds.
@@ -176,15 +210,12 @@ mod tests {
 
     #[test]
     fn proves_every_padding_llvm_emits() {
-        let pads: [&[u8]; 8] = [
+        let pads: [&[u8]; 5] = [
             &[],
             &[0x90],
             &[0x66, 0x90],
             &[0x0f, 0x1f, 0x00],
             &[0x0f, 0x1f, 0x40, 0x00],
-            &[0x0f, 0x1f, 0x44, 0x00, 0x00],
-            &[0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00],
-            &[0x0f, 0x1f, 0x80, 0x00, 0x00, 0x00, 0x00],
         ];
         for pad in pads {
             let (code, start) = site(0x50_0000, 0x60_1234, pad);
@@ -250,12 +281,29 @@ mod tests {
     }
 
     #[test]
-    fn word_helpers_keep_the_other_bytes() {
+    fn site_words_keep_the_other_bytes() {
         let w = u64::from_le_bytes([1, 2, 3, 4, 5, 6, 7, 8]);
         let insn = [0xe8, 0xaa, 0xbb, 0xcc, 0xdd];
-        let n = with_insn(w, insn);
-        assert_eq!(n.to_le_bytes(), [0xe8, 0xaa, 0xbb, 0xcc, 0xdd, 6, 7, 8]);
-        assert_eq!(insn_of(n), insn);
+        let at0 = SiteWord::of(0x1000).unwrap();
+        assert_eq!(at0.addr, 0x1000);
+        assert_eq!(
+            at0.with(w, insn).to_le_bytes(),
+            [0xe8, 0xaa, 0xbb, 0xcc, 0xdd, 6, 7, 8]
+        );
+        let at3 = SiteWord::of(0x1003).unwrap();
+        assert_eq!(at3.addr, 0x1000);
+        assert_eq!(
+            at3.with(w, insn).to_le_bytes(),
+            [1, 2, 3, 0xe8, 0xaa, 0xbb, 0xcc, 0xdd]
+        );
+        assert_eq!(at3.insn(at3.with(w, insn)), insn);
+        assert_eq!(
+            SiteWord::of(0x1004),
+            None,
+            "five bytes at offset 4 cross the quadword"
+        );
+        assert_eq!(SiteWord::of(0x1007), None);
+        assert_eq!(unpack(pack(insn)), insn);
         assert_eq!(pack(insn) >> 40, 0);
     }
 }
