@@ -574,8 +574,16 @@ mod tests {
     fn windows_span_every_contiguous_page_of_a_segment() {
         let page = 4096;
         let exec = [
-            Segment { start: 0, end: 0x100000, prot: 5 },
-            Segment { start: 0x100000, end: 0x200000, prot: 7 },
+            Segment {
+                start: 0,
+                end: 0x100000,
+                prot: 5,
+            },
+            Segment {
+                start: 0x100000,
+                end: 0x200000,
+                prot: 7,
+            },
         ];
         let mut ws: Vec<_> = (0..40).map(|i| write(i * page)).collect();
         ws.extend((0..4).map(|i| write(0x100000 + i * page)));
@@ -583,8 +591,16 @@ mod tests {
         assert_eq!(
             w,
             vec![
-                Window { start: 0, len: 40 * page, prot: 5 },
-                Window { start: 0x100000, len: 4 * page, prot: 7 },
+                Window {
+                    start: 0,
+                    len: 40 * page,
+                    prot: 5
+                },
+                Window {
+                    start: 0x100000,
+                    len: 4 * page,
+                    prot: 7
+                },
             ],
             "one window per run of pages, never across segments"
         );
