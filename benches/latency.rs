@@ -149,9 +149,10 @@ mod imp {
     }
 
     /// Reads the aligned quadword holding a site's call.
+    /// The aligned quadword that holds the call at `site`.
     fn word(site: usize) -> u64 {
-        // SAFETY: `site` is an 8-aligned call site inside our mapped text.
-        unsafe { core::ptr::read_volatile(site as *const u64) }
+        // SAFETY: the quadword holding a call site (at offset 0-3 of it) is in our mapped text.
+        unsafe { core::ptr::read_volatile((site & !7) as *const u64) }
     }
 
     /// Kilobytes of this executable's text that are private copies (pages the patcher wrote).
@@ -694,8 +695,8 @@ mod imp {
         j.num("text_cow_kib", cow_10k as f64);
         j.close();
 
-        // Windows: 100 sites about a page apart (contiguous pages, merged into windows of up to
-        // 16 pages) or about three pages apart (a window per page).
+        // Windows: 100 sites about a page apart (contiguous pages, one window) or about three
+        // pages apart (a window per page).
         println!("mprotect windows, 100 sites on 100 pages:");
         let mut packed: Vec<fn(u64) -> u64> = Vec::new();
         push_sites!(packed packed_site [] [x x]);

@@ -290,7 +290,7 @@ def main():
         md.append("### Page windows: 100 sites on 100 pages\n")
         md.append("| layout | `update` p50 (µs) | `mprotect` per update | pages writable (µs) | VMAs after |")
         md.append("|---|---:|---:|---:|---:|")
-        for label, k in [("pages contiguous: merged into windows of ≤ 16 pages", "contiguous"),
+        for label, k in [("pages contiguous: one window", "contiguous"),
                          ("pages apart: one window per page", "gapped")]:
             w = runs[-1]["windows"][k]
             md.append(f"| {label} | {cell('windows.' + k + '.time_us')} | {int(w['mprotects'])} | "

@@ -43,15 +43,15 @@ pub fn call_target(site: usize) -> Option<usize> {
     (insn.code() == Code::Call_rel32_64).then(|| insn.near_branch64() as usize)
 }
 
-/// Every `call` in `func` (decoded up to its first `ret`, at most `len` bytes) that lies on an
-/// 8-aligned address and goes to `to`.
+/// Every `call` in `func` (decoded up to its first `ret`, at most `len` bytes) that goes to `to`
+/// and lies inside one aligned quadword (at offset 0-3 of it), as static-call sites do.
 pub fn calls_to(func: usize, len: usize, to: usize) -> Vec<usize> {
     let bytes = read_code(func, len);
     let mut out = Vec::new();
     for insn in Decoder::with_ip(64, &bytes, func as u64, DecoderOptions::NONE).iter() {
         if insn.code() == Code::Call_rel32_64
             && insn.near_branch64() as usize == to
-            && insn.ip() % 8 == 0
+            && insn.ip() % 8 <= 3
         {
             out.push(insn.ip() as usize);
         }
