@@ -190,6 +190,11 @@ pub fn trampoline_address() -> Option<usize> {
     return None;
 }
 
+/// The README's examples, compiled and run as doctests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExamples;
+
 /// Items the macros expand to. Not part of the API.
 #[doc(hidden)]
 pub mod __private {
