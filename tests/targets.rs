@@ -56,6 +56,12 @@ fn null_key_is_a_nop_and_goes_call_nop_call() {
     // query() still returns a function of the key's type: one that does nothing.
     HOOK.query()(100);
     assert_eq!(SEEN.load(Ordering::Relaxed), 10);
+
+    // ... and back: nop -> call.
+    HOOK.update(record);
+    assert_sites_call(|| HOOK.sites(), HOOK.query() as usize, "record");
+    fire(1);
+    assert_eq!(SEEN.load(Ordering::Relaxed), 12);
 }
 
 extern "C" fn forty_two() -> u64 {
@@ -84,7 +90,9 @@ fn return_zero_key_returns_zero_and_goes_call_ret0_call() {
     COUNT.set_return_zero();
     assert_sites_hold(|| COUNT.sites(), XOR_EAX, "xor eax, eax");
     assert_eq!(count(), 0, "the xor clears all of rax, not only eax");
+    // ... and back: ret0 -> call.
     COUNT.update(forty_two);
+    assert_sites_call(|| COUNT.sites(), COUNT.query() as usize, "forty_two");
     assert_eq!(count(), 42);
 }
 
