@@ -1,6 +1,7 @@
 //! An operations table, like the Linux kernel's `struct file_operations`: a `static` struct whose
 //! fields are static-call keys, called as `static_call!(DEVICE.read)(..)` by code that does not
-//! know which driver is behind it, and a driver swapped at run time by updating every field.
+//! know which driver is behind it, and a driver swapped at run time by updating every field in
+//! one `Batch` (one pass over the code and one core sync for the whole table, all or nothing).
 //!
 //! Run with `cargo run --release --example ops_table`. There are two drivers: a RAM disk, and a
 //! null device that reads zeros and discards writes (its `write` returns zero without calling
@@ -22,7 +23,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter, Mnemonic};
-use static_call::{Reason, SiteInfo, SiteState, StaticCall, Target, static_call};
+use static_call::{Batch, Reason, SiteInfo, SiteState, StaticCall, Target, static_call};
 
 /// Bytes in a block (tiny, so that a block prints on one line).
 const BLOCK_SIZE: usize = 16;
@@ -133,10 +134,14 @@ extern "C" fn ram_flush() {
     FLUSHED.fetch_add(dirty.count_ones(), Ordering::Relaxed);
 }
 
+/// Installs the RAM disk: every field at once, in one `Batch` (one pass over the code, one core
+/// sync, all or nothing).
 fn install_ramdisk() {
-    DEVICE.read.update(ram_read);
-    DEVICE.write.update(ram_write);
-    DEVICE.flush.update(ram_flush);
+    Batch::new()
+        .update(&DEVICE.read, ram_read)
+        .update(&DEVICE.write, ram_write)
+        .update(&DEVICE.flush, ram_flush)
+        .commit();
 }
 
 // ---- Driver 2: a null device. ----------------------------------------------------------------
@@ -153,12 +158,14 @@ unsafe extern "C" fn null_read(_n: u64, buf: *mut u8) -> i32 {
 }
 
 fn install_nulldev() {
-    DEVICE.read.update(null_read);
-    // Writes succeed and go nowhere, like `/dev/null`: 0 means success, and a return-zero key
-    // returns 0 without calling anything (its patched sites are `xor eax, eax`).
-    DEVICE.write.set_return_zero();
-    // Nothing to flush: no target (its patched sites are a 5-byte NOP).
-    DEVICE.flush.set_null();
+    Batch::new()
+        .update(&DEVICE.read, null_read)
+        // Writes succeed and go nowhere, like `/dev/null`: 0 means success, and a return-zero
+        // key returns 0 without calling anything (its patched sites are `xor eax, eax`).
+        .set_return_zero(&DEVICE.write)
+        // Nothing to flush: no target (its patched sites are a 5-byte NOP).
+        .set_null(&DEVICE.flush)
+        .commit();
 }
 
 // ---- The demonstration. -----------------------------------------------------------------------
