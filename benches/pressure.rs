@@ -272,18 +272,9 @@ mod imp {
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn config() -> criterion::Criterion {
-    criterion::Criterion::default()
-        .warm_up_time(std::time::Duration::from_millis(500))
-        .measurement_time(std::time::Duration::from_secs(2))
-        .sample_size(40)
-        .configure_from_args()
-}
-
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 criterion::criterion_group! {
     name = pressure;
-    config = config();
+    config = common::criterion_config();
     targets = imp::benches
 }
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]

@@ -5,6 +5,16 @@
 use iced_x86::{Code, Decoder, DecoderOptions, Mnemonic};
 use std::time::Duration;
 
+/// The criterion settings of the per-call benches: short warm-up and measurement (the totals
+/// matter less than the ratios within a run), overridable from the command line.
+pub fn criterion_config() -> criterion::Criterion {
+    criterion::Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(40)
+        .configure_from_args()
+}
+
 /// The trivial target every per-call bench calls: one `lea` and a `ret`.
 #[inline(never)]
 pub extern "C" fn inc(x: u64) -> u64 {
