@@ -14,75 +14,13 @@
 mod common;
 
 use std::io;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{assert_calls, decode, trampoline};
+use common::{assert_calls, decode, scenario, trampoline};
 use static_call::{
     Disabled, ErrorKind, Reason, SiteState, WorkerStatus, define_static_call, static_call,
 };
-
-const SCENARIO_ENV: &str = "STATIC_CALL_SCENARIO";
-/// How long a child may take before it counts as hung (a deadlock).
-const CHILD_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Defines a test that runs `$body` in a child process with the environment `$env`.
-macro_rules! scenario {
-    ($(#[$m:meta])* fn $name:ident() $(env [$($k:literal = $v:literal),* $(,)?])? $body:block) => {
-        $(#[$m])*
-        #[test]
-        fn $name() {
-            if std::env::var(SCENARIO_ENV).as_deref() == Ok(stringify!($name)) {
-                $body
-                println!("scenario {} passed", stringify!($name));
-                return;
-            }
-            run_in_child(stringify!($name), &[$($(($k, $v)),*)?]);
-        }
-    };
-}
-
-fn run_in_child(name: &str, env: &[(&str, &str)]) {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(SCENARIO_ENV, name);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = out.id();
-    let deadline = Instant::now() + CHILD_TIMEOUT;
-    let watchdog = std::thread::spawn(move || {
-        while Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-            // SAFETY: kill(pid, 0) only checks the process exists.
-            if unsafe { libc::kill(pid as i32, 0) } != 0 {
-                return false;
-            }
-        }
-        // SAFETY: the child is ours.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        true
-    });
-    let out = out.wait_with_output().unwrap();
-    let timed_out = watchdog.join().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !timed_out,
-        "scenario {name} hung (deadlock?):\n{stdout}\n{stderr}"
-    );
-    assert!(
-        out.status.success() && stdout.contains(&format!("scenario {name} passed")),
-        "scenario {name} failed ({}):\n{stdout}\n{stderr}",
-        out.status
-    );
-}
 
 // --- what the scenarios call ---------------------------------------------------------------
 

@@ -245,3 +245,84 @@ pub fn install_seccomp(deny: &[(i64, i32)]) -> bool {
             ) == 0
     }
 }
+
+// --- tests that run alone in a child process ------------------------------------------------
+
+/// Names the scenario a child process runs; unset in the parent.
+pub const SCENARIO_ENV: &str = "STATIC_CALL_SCENARIO";
+/// How long a child may take before it counts as hung (a deadlock).
+pub const CHILD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Defines a test whose body runs alone in a child process (this test binary again, filtered to
+/// the one test, with [`SCENARIO_ENV`] naming it and the environment `$env`), because it changes
+/// the whole process or reads process-wide counters that other tests would move. In the parent,
+/// the test only spawns the child and checks that it passed within [`CHILD_TIMEOUT`].
+macro_rules! scenario {
+    ($(#[$m:meta])* fn $name:ident() $(env [$($k:literal = $v:literal),* $(,)?])? $body:block) => {
+        $(#[$m])*
+        #[test]
+        fn $name() {
+            if std::env::var($crate::common::SCENARIO_ENV).as_deref() == Ok(stringify!($name)) {
+                $body
+                println!("scenario {} passed", stringify!($name));
+                return;
+            }
+            $crate::common::run_in_child(stringify!($name), &[$($(($k, $v)),*)?]);
+        }
+    };
+}
+pub(crate) use scenario;
+
+/// Runs the test `name` of this binary in a child process and asserts that it printed its
+/// "passed" line and exited successfully within [`CHILD_TIMEOUT`] (it is killed after that).
+pub fn run_in_child(name: &str, env: &[(&str, &str)]) {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(SCENARIO_ENV, name);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Drain both pipes on their own threads, so that a talkative child never blocks on a full
+    // pipe while the parent is polling for its exit.
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + CHILD_TIMEOUT;
+    // Poll with try_wait rather than signalling by pid: the child is not reaped until try_wait
+    // reports it, so kill() can never hit a recycled pid.
+    let (status, timed_out) = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break (status, false);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            break (child.wait().unwrap(), true);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let stdout = stdout.join().unwrap();
+    let stderr = stderr.join().unwrap();
+    assert!(
+        !timed_out,
+        "scenario {name} hung (deadlock?):\n{stdout}\n{stderr}"
+    );
+    assert!(
+        status.success() && stdout.contains(&format!("scenario {name} passed")),
+        "scenario {name} failed ({status}):\n{stdout}\n{stderr}"
+    );
+}
