@@ -73,6 +73,13 @@ fn gdb_backtraces_walk_through_every_instruction_of_the_trampoline() {
         .unwrap();
     let _ = std::fs::remove_file(&script_path);
     let text = String::from_utf8_lossy(&out.stdout);
+    let errors = String::from_utf8_lossy(&out.stderr);
+    // A sandbox that forbids ptrace (some containers) stops gdb before the first instruction:
+    // that says nothing about our CFI, so say so instead of failing on an empty trace.
+    if errors.contains("ptrace: Operation not permitted") {
+        eprintln!("note: this machine forbids ptrace; the CFI check is skipped:\n{errors}");
+        return;
+    }
     let steps: Vec<&str> = text.split("==step==").skip(1).collect();
     let inside = steps
         .iter()
@@ -83,7 +90,7 @@ fn gdb_backtraces_walk_through_every_instruction_of_the_trampoline() {
         .count();
     assert_eq!(
         inside, TRAMPOLINE_INSNS,
-        "stopped at every trampoline instruction:\n{text}"
+        "stopped at every trampoline instruction:\n{text}\n{errors}"
     );
     for (i, step) in steps.iter().enumerate() {
         // Frame #1 must be the caller itself (in debug builds, the shim holding the site, which
