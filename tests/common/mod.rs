@@ -257,6 +257,8 @@ pub const CHILD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60
 /// the one test, with [`SCENARIO_ENV`] naming it and the environment `$env`), because it changes
 /// the whole process or reads process-wide counters that other tests would move. In the parent,
 /// the test only spawns the child and checks that it passed within [`CHILD_TIMEOUT`].
+// Not every test binary that includes this module defines scenarios.
+#[allow(unused_macros)]
 macro_rules! scenario {
     ($(#[$m:meta])* fn $name:ident() $(env [$($k:literal = $v:literal),* $(,)?])? $body:block) => {
         $(#[$m])*
@@ -271,6 +273,7 @@ macro_rules! scenario {
         }
     };
 }
+#[allow(unused_imports)]
 pub(crate) use scenario;
 
 /// Runs the test `name` of this binary in a child process and asserts that it printed its
