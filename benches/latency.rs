@@ -145,10 +145,10 @@ mod imp {
             core_syncs: b.core_syncs - a.core_syncs,
             rwx_nanos: b.rwx_nanos - a.rwx_nanos,
             max_rwx_nanos: b.max_rwx_nanos,
+            thunk_pages: b.thunk_pages - a.thunk_pages,
         }
     }
 
-    /// Reads the aligned quadword holding a site's call.
     /// The aligned quadword that holds the call at `site`.
     fn word(site: usize) -> u64 {
         // SAFETY: the quadword holding a call site (at offset 0-3 of it) is in our mapped text.
@@ -435,6 +435,7 @@ mod imp {
                 core_syncs: per(d.core_syncs),
                 rwx_nanos: per(d.rwx_nanos),
                 max_rwx_nanos: d.max_rwx_nanos,
+                thunk_pages: d.thunk_pages,
             },
             rwx_us: d.rwx_nanos as f64 / reps as f64 / 1e3,
             vmas_before,

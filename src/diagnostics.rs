@@ -121,8 +121,9 @@ pub enum Reason {
     /// Someone else changed the site's bytes (a debugger's breakpoint, say). They are never
     /// overwritten.
     ForeignBytes,
-    /// The key's target is more than ±2 GiB from the site, beyond a `call rel32`. The site is
-    /// patched again once the key points somewhere near.
+    /// The key's target is more than ±2 GiB from the site, beyond a `call rel32`, and no near
+    /// thunk could be made for it ([`Status::thunk_error`] says why). The site is patched again
+    /// once the key points somewhere it can reach.
     TargetOutOfRange,
 }
 
@@ -135,7 +136,9 @@ impl fmt::Display for Reason {
             }
             Reason::KeyNotProven => f.write_str("the site's bytes do not prove its key"),
             Reason::ForeignBytes => f.write_str("the site's bytes were changed by someone else"),
-            Reason::TargetOutOfRange => f.write_str("the target is beyond ±2 GiB of the site"),
+            Reason::TargetOutOfRange => {
+                f.write_str("the target is beyond ±2 GiB of the site and has no near thunk")
+            }
         }
     }
 }
@@ -314,6 +317,14 @@ pub struct Status {
     /// True once a site could not be registered because the registry was full. Such sites
     /// keep working through the trampoline.
     pub registry_full: bool,
+    /// Far targets (beyond ±2 GiB of the code, e.g. in another shared library) that sites reach
+    /// through a near thunk.
+    pub thunks: usize,
+    /// Why the last attempt to make a thunk failed, if it did: an errno from mapping new code
+    /// near ours (`ENOMEM`: no free room within reach; `EACCES`: new executable memory refused),
+    /// or 0 when all thunk pages are used. Sites of such targets stay on the trampoline with
+    /// [`Reason::TargetOutOfRange`].
+    pub thunk_error: Option<i32>,
 }
 
 /// Counters of the patching work done so far in this process, from [`stats`](crate::stats).
@@ -350,6 +361,8 @@ pub struct Stats {
     pub rwx_nanos: u64,
     /// Longest single window, in nanoseconds, during which some page was writable and executable.
     pub max_rwx_nanos: u64,
+    /// Pages mapped near the code for thunks to far targets (never writable once executable).
+    pub thunk_pages: u64,
 }
 
 /// A short name for an errno value.

@@ -30,6 +30,8 @@ pub(crate) fn status() -> Status {
         sites: 0,
         capacity: 0,
         registry_full: false,
+        thunks: 0,
+        thunk_error: None,
     }
 }
 

@@ -69,6 +69,8 @@ mod registry;
 #[cfg(static_call_patching)]
 mod runtime;
 #[cfg(static_call_patching)]
+mod thunks;
+#[cfg(static_call_patching)]
 mod trampoline;
 #[cfg(static_call_patching)]
 mod worker;

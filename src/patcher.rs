@@ -22,6 +22,7 @@ use crate::key::{RawKey, RawTarget};
 use crate::os::linux::{self, Write, WriteError};
 use crate::registry::{QUEUED, RETRY, SETTLED, Slot};
 use crate::runtime::{self, Runtime};
+use crate::thunks::{self, Thunks};
 use crate::worker;
 
 /// Most sites settled in one batch (one core sync each).
@@ -156,17 +157,36 @@ fn trampoline_insn(rt: &Runtime, site: usize) -> Insn {
     arch::encode(site, SiteInsn::Call(rt.trampoline)).expect("trampoline within rel32 of its sites")
 }
 
-/// What a LIVE site should hold for `target`, and why that is the trampoline if it is.
-fn desired(rt: &Runtime, site: usize, target: RawTarget) -> (Insn, Option<Reason>) {
+/// What a LIVE site should hold for `target`, and why that is the trampoline if it is: a direct
+/// call if it reaches, else a call to the target's thunk if it has one (`Thunks::make_for` ran
+/// for it first), else the trampoline.
+fn desired(
+    rt: &Runtime,
+    site: usize,
+    target: RawTarget,
+    thunks: &Thunks,
+) -> (Insn, Option<Reason>) {
     let what = match target {
         RawTarget::Call(f) => SiteInsn::Call(f as usize),
         RawTarget::Null(_) => SiteInsn::Nop,
         RawTarget::Ret0(_) => SiteInsn::Ret0,
     };
-    match arch::encode(site, what) {
+    let via_thunk = || match target {
+        RawTarget::Call(f) => arch::encode(site, SiteInsn::Call(thunks.get(f as usize)?)),
+        _ => None,
+    };
+    match arch::encode(site, what).or_else(via_thunk) {
         Some(insn) => (insn, None),
         None => (trampoline_insn(rt, site), Some(Reason::TargetOutOfRange)),
     }
+}
+
+/// The functions that `targets` call (NULL and return-zero targets need no thunk).
+fn called(targets: impl IntoIterator<Item = RawTarget>) -> impl Iterator<Item = usize> {
+    targets.into_iter().filter_map(|t| match t {
+        RawTarget::Call(f) => Some(f as usize),
+        _ => None,
+    })
 }
 
 /// Checks that `site` is one of our sites bound to `key`; returns its quadword and its value.
@@ -253,13 +273,22 @@ fn drain_locked(rt: &Runtime, locked: &Locked) {
 fn settle(rt: &Runtime, batch: &[u32], locked: &Locked) {
     let mut plan = Vec::new();
     let mut settled = Vec::with_capacity(batch.len());
+    // Acquire pairs with the slow path's Release store of QUEUED: `key` is visible.
+    let queued = |&index: &u32| rt.registry.slot(index).state.load(Ordering::Acquire) == QUEUED;
+    let mut thunks = thunks::lock(locked);
+    if runtime::mode().is_ok() {
+        let targets = batch.iter().filter(|i| queued(i));
+        thunks.make_for(
+            rt,
+            called(targets.map(|&i| rt.registry.slot(i).key().target())),
+        );
+    }
     for &index in batch {
-        let slot = rt.registry.slot(index);
-        // Acquire pairs with the slow path's Release store of QUEUED: `key` is visible.
-        if slot.state.load(Ordering::Acquire) != QUEUED {
+        if !queued(&index) {
             continue;
         }
-        settle_one(rt, slot, index, &mut plan, locked).store(slot);
+        let slot = rt.registry.slot(index);
+        settle_one(rt, slot, index, &mut plan, &thunks, locked).store(slot);
         settled.push(slot);
     }
     if let Err(e) = write(rt, &mut plan) {
@@ -278,6 +307,7 @@ fn settle_one(
     slot: &Slot,
     index: u32,
     plan: &mut Vec<Planned>,
+    thunks: &Thunks,
     locked: &Locked,
 ) -> Info {
     if let Err(why) = runtime::mode() {
@@ -291,7 +321,7 @@ fn settle_one(
     };
     link(rt, key, index, locked);
     let here = at.insn(word);
-    let (want, reason) = desired(rt, site, key.target());
+    let (want, reason) = desired(rt, site, key.target(), thunks);
     let info = Info::live(here, reason);
     if want != here {
         plan.push(Planned {
@@ -348,9 +378,13 @@ pub(crate) fn update(changes: &[(&RawKey, RawTarget)]) -> Result<(), Error> {
         }
         return Ok(());
     };
+    let mut thunks = thunks::lock(&locked);
+    if runtime::mode().is_ok() {
+        thunks.make_for(rt, called(changes.iter().map(|&(_, target)| target)));
+    }
     let mut plan = Vec::new();
     for &(key, target) in changes {
-        plan_retarget(rt, key, target, &mut plan, &locked)?;
+        plan_retarget(rt, key, target, &mut plan, &thunks, &locked)?;
     }
 
     let old: Vec<RawTarget> = changes.iter().map(|(key, _)| key.target()).collect();
@@ -418,11 +452,12 @@ fn plan_retarget(
     key: &RawKey,
     target: RawTarget,
     plan: &mut Vec<Planned>,
+    thunks: &Thunks,
     locked: &Locked,
 ) -> Result<(), Error> {
     for (index, slot) in list(rt, key, locked) {
         let site = slot.site.load(Ordering::Relaxed);
-        let (want, reason) = desired(rt, site, target);
+        let (want, reason) = desired(rt, site, target, thunks);
         plan_site(rt, index, slot, want, reason, plan)?;
     }
     Ok(())
@@ -573,12 +608,15 @@ pub(crate) fn status() -> Status {
     // Initialise (without starting the worker) so that the answer is the one calls will get:
     // whether patching is on is decided at initialisation.
     let rt = runtime::get_or_init();
+    let (thunks, thunk_error) = thunks::summary();
     Status {
         patching: runtime::mode(),
         worker: worker::status(),
         sites: rt.map_or(0, |rt| rt.registry.count.load(Ordering::Relaxed)),
         capacity: rt.map_or(0, |rt| rt.registry.capacity()),
         registry_full: runtime::REGISTRY_FULL.load(Ordering::Relaxed),
+        thunks,
+        thunk_error,
     }
 }
 

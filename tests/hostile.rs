@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{assert_calls, decode, scenario, trampoline};
+use iced_x86::Code;
 use static_call::{
     Disabled, ErrorKind, Reason, SiteState, WorkerStatus, define_static_call, static_call,
 };
@@ -485,11 +486,90 @@ fn far_site(x: i64) -> i64 {
     unsafe { static_call!(FAR)(x) }
 }
 
+/// Asserts that the site at `site` calls a near thunk that jumps to `target` (`jmp qword ptr
+/// [rip + 0]` followed by the target's address, in a read-execute page, never writable), and
+/// returns the thunk's address.
+#[track_caller]
+fn assert_calls_through_thunk(site: usize, target: usize, what: &str) -> usize {
+    let thunk = common::call_target(site).unwrap_or_else(|| {
+        panic!(
+            "site {site:#x} should call a thunk to {what}: {:?}",
+            decode(site)
+        )
+    });
+    assert_ne!(
+        thunk,
+        trampoline(),
+        "site {site:#x} is on the trampoline, not on a thunk"
+    );
+    assert_ne!(thunk, target, "a far target cannot be called directly");
+    let jmp = decode(thunk);
+    assert_eq!(
+        jmp.code(),
+        Code::Jmp_rm64,
+        "thunk {thunk:#x}: {}",
+        common::format(&jmp)
+    );
+    assert!(jmp.is_ip_rel_memory_operand() && jmp.ip_rel_memory_address() == thunk as u64 + 6);
+    let held = u64::from_le_bytes(common::read(thunk + 6, 8).try_into().unwrap()) as usize;
+    assert_eq!(
+        held, target,
+        "thunk {thunk:#x} should jump to {what} ({target:#x})"
+    );
+    let perms = page_perms(thunk);
+    assert_eq!(&perms[..3], "r-x", "thunk page of {thunk:#x}");
+    thunk
+}
+
+/// The permissions of the mapping holding `addr`, as /proc/self/maps shows them.
+fn page_perms(addr: usize) -> String {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (range, perms) = (f.next()?, f.next()?);
+            let (a, b) = range.split_once('-')?;
+            let (a, b) = (
+                usize::from_str_radix(a, 16).ok()?,
+                usize::from_str_radix(b, 16).ok()?,
+            );
+            (a <= addr && addr < b).then(|| perms.to_string())
+        })
+        .unwrap_or_else(|| panic!("{addr:#x} is not mapped"))
+}
+
+/// Maps a page of code anywhere (usually far from the program) holding `lea rax, [rdi + n]; ret`.
+fn far_jit(n: i8) -> unsafe extern "C" fn(i64) -> i64 {
+    // SAFETY: a fresh anonymous page, filled then made read-execute.
+    unsafe {
+        let p = libc::mmap(
+            core::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED);
+        core::ptr::copy_nonoverlapping(
+            [0x48u8, 0x8d, 0x47, n as u8, 0xc3].as_ptr(),
+            p as *mut u8,
+            5,
+        );
+        assert_eq!(
+            libc::mprotect(p, 4096, libc::PROT_READ | libc::PROT_EXEC),
+            0
+        );
+        core::mem::transmute(p)
+    }
+}
+
 scenario! {
     /// A target beyond ±2 GiB of a site (a libc function, code in a far anonymous page) is
-    /// called through the trampoline, never with a truncated rel32; when `update` moves a
-    /// patched key to a far target, its sites go back to the trampoline before it returns.
-    fn far_targets_are_reached_through_the_trampoline() {
+    /// never called with a truncated rel32: the site calls a near thunk that jumps to it. One
+    /// thunk per far target, reused when the key comes back to it; `update` moves sites between
+    /// direct calls and thunks, all before it returns.
+    fn far_targets_are_reached_through_a_near_thunk() {
         let distance = (labs as *const () as usize).abs_diff(far_site as *const () as usize);
         if distance < (2usize << 30) {
             println!("note: libc is within 2 GiB of the program here; nothing to check");
@@ -499,32 +579,103 @@ scenario! {
         static_call::flush();
         let sites = FAR.sites();
         assert_eq!(sites.len(), 1);
-        assert_eq!(sites[0].state, SiteState::Trampoline(Reason::TargetOutOfRange));
-        assert_calls(sites[0].address, trampoline(), "trampoline");
+        let site = sites[0].address;
+        assert_eq!(sites[0].state, SiteState::Patched);
+        let to_labs = assert_calls_through_thunk(site, labs as *const () as usize, "labs");
+        assert_eq!(far_site(-5), 5);
+        assert_eq!(static_call::status().thunks, 1);
+        assert_eq!(static_call::status().thunk_error, None);
+        let pages = static_call::stats().thunk_pages;
+        assert_eq!(pages, 1);
 
         FAR.update(neg);
-        assert_eq!(FAR.sites()[0].state, SiteState::Patched);
-        assert_calls(sites[0].address, FAR.query() as usize, "neg");
+        assert_calls(site, FAR.query() as usize, "neg");
         assert_eq!(far_site(-5), 5, "neg(-5)");
 
-        // JIT-like code far away: lea rax, [rdi + 7]; ret.
-        // SAFETY: a fresh anonymous page, filled then made read-execute.
-        let jit: unsafe extern "C" fn(i64) -> i64 = unsafe {
-            let p = libc::mmap(core::ptr::null_mut(), 4096, libc::PROT_READ | libc::PROT_WRITE,
+        // JIT-like code far away gets its own thunk, in the same page.
+        let jit = far_jit(7);
+        if (jit as usize).abs_diff(site) >= (2usize << 30) {
+            FAR.update(jit);
+            let to_jit = assert_calls_through_thunk(site, jit as usize, "the JIT code");
+            assert_ne!(to_jit, to_labs);
+            assert_eq!(far_site(5), 12);
+            assert_eq!(static_call::status().thunks, 2);
+        }
+        // Back to libc: the same thunk, nothing new mapped or written.
+        FAR.update(labs);
+        assert_eq!(assert_calls_through_thunk(site, labs as *const () as usize, "labs"), to_labs);
+        assert_eq!(far_site(-5), 5);
+        assert_eq!(static_call::stats().thunk_pages, pages);
+        assert!(rwx_mappings().is_empty(), "{:?}", rwx_mappings());
+
+        FAR.update(neg);
+        assert_calls(site, FAR.query() as usize, "neg");
+        assert_eq!(far_site(5), -5);
+    }
+}
+
+/// Thunk pages the library maps at most, and thunks per page: 4 KiB pages of 16-byte thunks.
+const THUNK_PAGES: usize = 16;
+const THUNKS_PER_PAGE: usize = 4096 / 16;
+
+scenario! {
+    /// When no thunk can be made (here: every thunk slot is used), a far target is still called
+    /// correctly, through the trampoline, and the site and `status()` say why.
+    fn when_thunks_run_out_far_targets_stay_on_the_trampoline() {
+        let distance = (labs as *const () as usize).abs_diff(far_site as *const () as usize);
+        if distance < (2usize << 30) {
+            println!("note: libc is within 2 GiB of the program here; nothing to check");
+            return;
+        }
+        assert_eq!(far_site(-5), 5);
+        static_call::flush();
+        let site = FAR.sites()[0].address;
+        // Far code with one function every 8 bytes: `lea rax, [rdi + 1]; ret`.
+        let n = THUNK_PAGES * THUNKS_PER_PAGE;
+        let len = (n * 8).next_multiple_of(4096);
+        // SAFETY: a fresh anonymous mapping, filled then made read-execute.
+        let base = unsafe {
+            let p = libc::mmap(core::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
             assert_ne!(p, libc::MAP_FAILED);
-            core::ptr::copy_nonoverlapping([0x48u8, 0x8d, 0x47, 0x07, 0xc3].as_ptr(), p as *mut u8, 5);
-            assert_eq!(libc::mprotect(p, 4096, libc::PROT_READ | libc::PROT_EXEC), 0);
-            core::mem::transmute(p)
+            for i in 0..n {
+                let f = [0x48u8, 0x8d, 0x47, 0x01, 0xc3, 0xcc, 0xcc, 0xcc];
+                core::ptr::copy_nonoverlapping(f.as_ptr(), (p as *mut u8).add(8 * i), 8);
+            }
+            assert_eq!(libc::mprotect(p, len, libc::PROT_READ | libc::PROT_EXEC), 0);
+            p as usize
         };
-        if (jit as usize).abs_diff(sites[0].address) >= (2usize << 30) {
-            FAR.update(jit);
-            assert_eq!(FAR.sites()[0].state, SiteState::Trampoline(Reason::TargetOutOfRange));
-            assert_calls(sites[0].address, trampoline(), "trampoline");
-            assert_eq!(far_site(5), 12);
+        if base.abs_diff(site) < (2usize << 30) {
+            println!("note: the far code landed within 2 GiB; nothing to check");
+            return;
         }
-        FAR.update(neg);
-        assert_eq!(far_site(5), -5);
+        // labs took one slot: n - 1 more fill every page.
+        for i in 0..n - 1 {
+            // SAFETY: each 8-byte slot holds a function of this signature.
+            let f: unsafe extern "C" fn(i64) -> i64 = unsafe { core::mem::transmute(base + 8 * i) };
+            FAR.update(f);
+        }
+        assert_calls_through_thunk(site, base + 8 * (n - 2), "the last far function");
+        assert_eq!(far_site(1), 2);
+        let status = static_call::status();
+        assert_eq!((status.thunks, status.thunk_error), (n, None));
+        assert_eq!(static_call::stats().thunk_pages, THUNK_PAGES as u64);
+
+        // One more far target: no slot left.
+        // SAFETY: as above.
+        let last: unsafe extern "C" fn(i64) -> i64 =
+            unsafe { core::mem::transmute(base + 8 * (n - 1)) };
+        FAR.update(last);
+        assert_eq!(FAR.sites()[0].state, SiteState::Trampoline(Reason::TargetOutOfRange));
+        assert_calls(site, trampoline(), "trampoline");
+        assert_eq!(far_site(1), 2);
+        assert_eq!(static_call::status().thunk_error, Some(0), "pages used up");
+        // Targets with a thunk still get it.
+        FAR.update(labs);
+        assert_eq!(FAR.sites()[0].state, SiteState::Patched);
+        assert_calls_through_thunk(site, labs as *const () as usize, "labs");
+        assert_eq!(far_site(-5), 5);
+        assert!(rwx_mappings().is_empty(), "{:?}", rwx_mappings());
     }
 }
 

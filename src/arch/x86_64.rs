@@ -69,6 +69,29 @@ pub fn encode(site: usize, what: SiteInsn) -> Option<Insn> {
     }
 }
 
+/// Length of a near thunk (one per far target, see `thunks.rs`).
+pub const THUNK_LEN: usize = 16;
+
+/// A near thunk: the bytes that jump to `target` from anywhere, for sites whose `call rel32`
+/// cannot reach it. `jmp qword ptr [rip + 0]` (6 bytes) reads the absolute address stored right
+/// after it (8 bytes); two `int3` pad the thunk to 16 bytes, so that thunks never share a
+/// 16-byte fetch block and nothing falls through.
+pub fn thunk(target: usize) -> [u8; THUNK_LEN] {
+    let mut t = [0xcc; THUNK_LEN];
+    t[..6].copy_from_slice(&[0xff, 0x25, 0, 0, 0, 0]);
+    t[6..14].copy_from_slice(&(target as u64).to_le_bytes());
+    t
+}
+
+/// Whether a `call rel32` anywhere in `[lo, hi)` reaches every byte of `[to, to + len)`: the
+/// reach of a site of an object whose code spans `[lo, hi)`.
+pub fn reaches(lo: usize, hi: usize, to: usize, len: usize) -> bool {
+    let span_lo = lo.min(to);
+    let span_hi = hi.max(to.saturating_add(len));
+    // The rel32 of a call at `s` counts from `s + 5`; a span under 2^31 - 5 always fits.
+    span_hi - span_lo < (1usize << 31) - INSN_LEN
+}
+
 /// The aligned quadword holding a site's five bytes, and where in it they start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SiteWord {
@@ -278,6 +301,43 @@ mod tests {
         );
         assert_eq!(encode(0x5000, SiteInsn::Nop), Some(NOP5));
         assert_eq!(encode(0x5000, SiteInsn::Ret0), Some(RET0));
+    }
+
+    #[test]
+    fn a_thunk_is_one_rip_relative_jump_through_the_target_it_holds() {
+        let target = 0x7f12_3456_789a_usize;
+        let at = 0x5555_0000_1000_u64;
+        let t = thunk(target);
+        let jmp = decode_one(&t[..6], at).expect("one 6-byte instruction");
+        assert_eq!(jmp.code(), Code::Jmp_rm64);
+        assert!(jmp.is_ip_rel_memory_operand());
+        assert_eq!(
+            jmp.ip_rel_memory_address(),
+            at + 6,
+            "reads the quadword after it"
+        );
+        assert_eq!(
+            u64::from_le_bytes(t[6..14].try_into().unwrap()),
+            target as u64
+        );
+        assert_eq!(&t[14..], &[0xcc, 0xcc]);
+    }
+
+    #[test]
+    fn reach_covers_the_whole_code_range() {
+        let (lo, hi) = (0x5555_0000_0000usize, 0x5555_0010_0000usize);
+        assert!(reaches(lo, hi, lo - 0x1000, 0x1000));
+        assert!(reaches(lo, hi, hi + 0x1000, 0x1000));
+        let limit = (1usize << 31) - INSN_LEN;
+        assert!(reaches(lo, hi, hi - limit + 1, 16));
+        assert!(!reaches(lo, hi, lo - limit, 16));
+        assert!(!reaches(lo, hi, lo + limit - 16, 16));
+        // Every byte of a thunk page the check accepts is reached by a call from both ends.
+        let page = hi + (1 << 30);
+        assert!(reaches(lo, hi, page, 4096));
+        for (from, to) in [(lo, page), (hi - 8, page + 4096 - 16), (hi - 8, page)] {
+            assert!(encode(from, SiteInsn::Call(to)).is_some());
+        }
     }
 
     #[test]

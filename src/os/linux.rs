@@ -153,6 +153,13 @@ impl Object {
         self.exec.iter().find(|s| s.contains(start, end))
     }
 
+    /// The lowest and highest address of its executable segments: every site lies in between.
+    pub fn code_span(&self) -> Option<(usize, usize)> {
+        let lo = self.exec.iter().map(|s| s.start).min()?;
+        let hi = self.exec.iter().map(|s| s.end).max()?;
+        Some((lo, hi))
+    }
+
     pub fn holds_data(&self, addr: usize, len: usize) -> bool {
         self.loaded
             .iter()
@@ -324,6 +331,94 @@ pub(crate) enum WriteError {
     Sync(i32),
 }
 
+/// Where `map_code_near` looks for a free page range, relative to the code it must be near:
+/// first just below it, `NEAR_TRIES` ranges `NEAR_STEP` apart, then farther below and above,
+/// `FAR_TRIES` ranges `FAR_STEP` apart on each side (all well inside ±2 GiB).
+const NEAR_TRIES: usize = 16;
+const NEAR_STEP: usize = 64 << 10;
+const FAR_TRIES: usize = 24;
+const FAR_STEP: usize = 64 << 20;
+
+/// Maps `len` bytes (a multiple of the page size) of new code near `[lo, hi)`, where a
+/// `call rel32` from anywhere in that range reaches all of it (`reaches`), filled with `int3`,
+/// and returns its address. The pages are mapped read-write, filled, then made read-execute, the
+/// protection they keep: code is put there later with `write_batch`, like any site, inside an
+/// rwx window and followed by a core sync.
+///
+/// Placement never replaces a mapping (`MAP_FIXED_NOREPLACE`; on kernels before 4.17 the flag
+/// is ignored, the address is only a hint, and a result out of reach is unmapped). Ranges just
+/// below the code come first, so as not to take the room the heap grows into above a program's
+/// data.
+///
+/// Fails with ENOMEM if no range within reach is free, or with the errno of `mprotect` if new
+/// executable memory is refused (MDWE, SELinux `execmem`).
+pub(crate) fn map_code_near(
+    lo: usize,
+    hi: usize,
+    len: usize,
+    page: usize,
+    reaches: impl Fn(usize, usize) -> bool,
+) -> Result<Segment, i32> {
+    let below = lo & !(page - 1);
+    let above = hi.next_multiple_of(page);
+    let near = (0..NEAR_TRIES).map(|k| below.checked_sub(len + k * NEAR_STEP));
+    let far = (1..=FAR_TRIES).flat_map(|k| {
+        [
+            below.checked_sub(len + k * FAR_STEP),
+            above.checked_add(k * FAR_STEP),
+        ]
+    });
+    for hint in near.chain(far).flatten() {
+        if !reaches(hint, len) {
+            continue;
+        }
+        // SAFETY: a fresh private anonymous mapping; MAP_FIXED_NOREPLACE fails rather than
+        // replace anything already mapped at `hint`.
+        let p = unsafe {
+            libc::mmap(
+                hint as *mut c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            match errno() {
+                libc::EEXIST | libc::EPERM => continue, // taken, or below mmap_min_addr
+                e => return Err(e),
+            }
+        }
+        let at = p as usize;
+        if !reaches(at, len) {
+            // SAFETY: the mapping was just made, by us, and nothing refers to it.
+            unsafe { libc::munmap(p, len) };
+            continue;
+        }
+        // SAFETY: `len` writable bytes were just mapped at `p`; int3 everywhere, so that a jump
+        // to a slot not yet written traps instead of running zeros.
+        unsafe { core::ptr::write_bytes(p as *mut u8, 0xcc, len) };
+        let prot = libc::PROT_READ | libc::PROT_EXEC;
+        // SAFETY: our own fresh mapping, never executed yet; from now on it is code.
+        if unsafe { libc::mprotect(p, len, prot) } != 0 {
+            let e = errno();
+            // SAFETY: as above; nothing refers to it.
+            unsafe { libc::munmap(p, len) };
+            return Err(e);
+        }
+        STATS
+            .thunk_pages
+            .fetch_add((len / page) as u64, Ordering::Relaxed);
+        return Ok(Segment {
+            start: at,
+            end: at + len,
+            prot,
+        });
+    }
+    Err(libc::ENOMEM)
+}
+
 /// Counters for `stats()`. Relaxed: they order nothing.
 pub(crate) struct Counters {
     pub batches: AtomicU64,
@@ -332,6 +427,7 @@ pub(crate) struct Counters {
     pub core_syncs: AtomicU64,
     pub rwx_nanos: AtomicU64,
     pub max_rwx_nanos: AtomicU64,
+    pub thunk_pages: AtomicU64,
 }
 
 pub(crate) static STATS: Counters = Counters {
@@ -341,6 +437,7 @@ pub(crate) static STATS: Counters = Counters {
     core_syncs: AtomicU64::new(0),
     rwx_nanos: AtomicU64::new(0),
     max_rwx_nanos: AtomicU64::new(0),
+    thunk_pages: AtomicU64::new(0),
 };
 
 pub(crate) fn stats() -> Stats {
@@ -352,6 +449,7 @@ pub(crate) fn stats() -> Stats {
         core_syncs: r(&STATS.core_syncs),
         rwx_nanos: r(&STATS.rwx_nanos),
         max_rwx_nanos: r(&STATS.max_rwx_nanos),
+        thunk_pages: r(&STATS.thunk_pages),
     }
 }
 
