@@ -14,6 +14,10 @@
 //!   `xor eax, eax`) against the `Option<fn>` check they replace, and against a real call of a
 //!   function that returns 0.
 //!
+//! - `far/*`: a target beyond ±2 GiB of the site (JIT-like code in a far anonymous page, as a
+//!   function in another shared library would be): a static call through its near thunk, and
+//!   an `AtomicPtr` call, against the near direct call.
+//!
 //! Many sites with many targets (branch-predictor pressure) are in `benches/pressure.rs`.
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -174,6 +178,75 @@ mod imp {
         x
     }
 
+    // ---- a far target: through a near thunk ---------------------------------------------
+
+    define_static_call!(FAR: extern "C" fn(u64) -> u64 = inc);
+    static FAR_FPTR: AtomicUsize = AtomicUsize::new(0);
+
+    /// Maps `lea rax, [rdi + 1]; ret` (what `inc` does) in a fresh anonymous page, which the
+    /// kernel places among the shared libraries, beyond ±2 GiB of a PIE program's code.
+    fn far_inc() -> extern "C" fn(u64) -> u64 {
+        // SAFETY: a fresh anonymous page, filled, then made read-execute; the code is a
+        // complete `extern "C" fn(u64) -> u64`.
+        unsafe {
+            let p = libc::mmap(
+                core::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED);
+            let code = [0x48u8, 0x8d, 0x47, 0x01, 0xc3];
+            core::ptr::copy_nonoverlapping(code.as_ptr(), p as *mut u8, code.len());
+            assert_eq!(
+                libc::mprotect(p, 4096, libc::PROT_READ | libc::PROT_EXEC),
+                0
+            );
+            core::mem::transmute::<*mut libc::c_void, extern "C" fn(u64) -> u64>(p)
+        }
+    }
+
+    #[inline(never)]
+    fn run_static_far(n: u64, mut x: u64) -> u64 {
+        for _ in 0..n {
+            x = static_call!(FAR)(x);
+        }
+        x
+    }
+
+    #[inline(never)]
+    fn run_atomic_far(n: u64, mut x: u64) -> u64 {
+        for _ in 0..n {
+            x = load_fn(&FAR_FPTR)(x);
+        }
+        x
+    }
+
+    /// Points `FAR` at far code and checks that its site calls a thunk (not the target, which
+    /// no rel32 reaches, and not the trampoline).
+    fn setup_far() {
+        let f = far_inc();
+        FAR_FPTR.store(f as usize, Ordering::Relaxed);
+        FAR.update(f);
+        assert_eq!(run_static_far(3, 0), 3);
+        static_call::flush();
+        let sites = FAR.sites();
+        assert_all_patched("FAR", &sites);
+        let called = crate::common::call_target(sites[0].address).expect("a call");
+        let far = (f as usize).abs_diff(sites[0].address) > (2usize << 30);
+        assert_eq!(
+            called != f as usize,
+            far,
+            "a far target is called through a thunk"
+        );
+        if !far {
+            eprintln!("note: the far code landed within 2 GiB; far/static_thunk is a direct call");
+        }
+        assert_eq!(run_atomic_far(3, 0), 3);
+    }
+
     // ---- NULL and return-zero keys against an `Option<fn>` check ------------------------
 
     define_static_call!(HOOK: extern "C" fn(u64) = None);
@@ -274,6 +347,7 @@ mod imp {
         assert_eq!(run_option_ret0(3, 0), 1);
         assert_eq!(run_direct_ret0(3, 0), 1);
         assert_eq!(run_retpoline(5, 1), 6);
+        setup_far();
     }
 
     pub fn benches(c: &mut Criterion) {
@@ -300,6 +374,19 @@ mod imp {
         });
         g.bench_function("retpoline", |b| {
             b.iter(|| run_retpoline(black_box(CHAIN), black_box(0)))
+        });
+        g.finish();
+
+        let mut g = c.benchmark_group("far");
+        g.throughput(Throughput::Elements(CHAIN));
+        g.bench_function("direct_near", |b| {
+            b.iter(|| run_direct(black_box(CHAIN), black_box(0)))
+        });
+        g.bench_function("static_thunk", |b| {
+            b.iter(|| run_static_far(black_box(CHAIN), black_box(0)))
+        });
+        g.bench_function("atomic_ptr_far", |b| {
+            b.iter(|| run_atomic_far(black_box(CHAIN), black_box(0)))
         });
         g.finish();
 

@@ -26,7 +26,7 @@ DOC = os.path.join(ROOT, "docs", "benchmarks.md")
 SVG = os.path.join(ROOT, "docs", "benchmarks-calls.svg")
 
 # Calls per criterion iteration (benches/common/mod.rs CHAIN; benches/pressure.rs).
-PER_ITER = {"call": 1000, "unpatched": 1000, "null_ret0": 1000, "pressure1024": 1024,
+PER_ITER = {"call": 1000, "unpatched": 1000, "null_ret0": 1000, "far": 1000, "pressure1024": 1024,
             "pressure4096": 4096}
 
 
@@ -180,6 +180,20 @@ def main():
     md.append("The unpatched row comes from its own process (benches/unpatched.rs, patching "
               "switched off with `unpatch_all()`); its ratio is to the direct call measured in that "
               "process.\n")
+
+    if series("far", "static_thunk", rs):
+        md.append("### A far target (beyond ±2 GiB of the site)\n")
+        md.append("The target is `inc` copied into a far anonymous page (where a function of "
+                  "another shared library would be); the site calls it through its near thunk "
+                  "(`jmp qword ptr [rip]`).\n")
+        md.append("| call | ns per call | ÷ near direct call (same run) |")
+        md.append("|---|---:|---:|")
+        for label, b in [("near direct call", "direct_near"),
+                         ("static call through a thunk", "static_thunk"),
+                         ("`AtomicPtr` to the far code", "atomic_ptr_far")]:
+            v = series("far", b, rs)
+            md.append(f"| {label} | {med(v):.2f} | {fmt_ratio(ratios('far', b, 'direct_near', rs))} |")
+        md.append("")
 
     md.append("### Branch-predictor pressure: N sites, N targets, round-robin\n")
     md.append("| call | N = 1,024: ns per call | ÷ static call | N = 4,096: ns per call | ÷ static call |")
