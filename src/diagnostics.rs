@@ -160,7 +160,9 @@ impl fmt::Display for Reason {
 pub enum SiteState {
     /// Registered by its first call and waiting for the patcher; calls go through the trampoline.
     Pending,
-    /// The site's bytes are the key's target: a direct `call`.
+    /// The site's bytes are the key's target: a direct `call` (for a target beyond ±2 GiB, a
+    /// direct call of the target's near thunk), a NOP for a NULL key, `xor eax, eax` for a
+    /// return-zero key.
     Patched,
     /// Calls keep going through the trampoline (correct, but slower), for this reason.
     Trampoline(Reason),
