@@ -6,8 +6,9 @@
 //! - A site is in its key's list exactly when its `Info` is LIVE: its bytes were verified as one
 //!   of our sites, bound to that key (`arch::prove_site`).
 //! - A LIVE site's `insn` is the five bytes at the site, as we last wrote or verified them.
-//! - A LIVE site's bytes are `call <key's target>`, or `call <trampoline>` with `reason` saying
-//!   why not (target out of range, writes refused).
+//! - A LIVE site's bytes are `call <key's target>` (or of its near thunk, for a target beyond
+//!   ±2 GiB; `thunks.rs`), or `call <trampoline>` with `reason` saying why not (no thunk for a
+//!   far target, writes refused).
 //! - `key.func` changes only here, under the lock; the worker reads it at patch time, never at
 //!   queue time, so a site registered before an `update` is patched to the new target.
 //! - A site enters its key's list in the same lock hold that patches it: an `update` either
