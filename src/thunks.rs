@@ -119,13 +119,18 @@ impl Thunks {
             return;
         };
         let mut os = Linux { rt, lo, hi };
-        if let Err(errno) = self.make(lo, hi, rt.page, targets, &mut os) {
-            self.error = Some(errno);
+        let before = self.made.len();
+        match self.make(lo, hi, rt.page, targets, &mut os) {
+            Err(errno) => self.error = Some(errno),
+            Ok(()) if self.made.len() > before => self.error = None,
+            Ok(()) => {}
         }
         MADE.store(self.made.len(), Ordering::Relaxed);
         ERROR.store(self.error.unwrap_or(-1), Ordering::Relaxed);
     }
 
+    /// `make_for`'s work, with the OS passed in: makes the missing thunks it can, and returns why
+    /// some could not be made, if any could not.
     fn make(
         &mut self,
         lo: usize,
@@ -189,7 +194,6 @@ impl Thunks {
             }
         }
         self.made.sort_unstable();
-        self.error = None;
         short
     }
 }
@@ -217,12 +221,17 @@ mod tests {
             LO - (i + 1) * PAGE
         }
 
-        /// The bytes at `addr`, from the copies.
-        fn read(&self, addr: usize, len: usize) -> &[u8] {
+        /// The page holding `addr`, and the offset of `addr` in it.
+        fn page(&self, addr: usize) -> (usize, usize) {
             let i = (0..self.mapped.len())
                 .find(|&i| (Fake::base(i)..Fake::base(i) + PAGE).contains(&addr))
                 .expect("an address in a mapped page");
-            let off = addr - Fake::base(i);
+            (i, addr - Fake::base(i))
+        }
+
+        /// The bytes at `addr`, from the copies.
+        fn read(&self, addr: usize, len: usize) -> &[u8] {
+            let (i, off) = self.page(addr);
             &self.mapped[i][off..off + len]
         }
     }
@@ -248,10 +257,7 @@ mod tests {
             self.batches += 1;
             for w in writes.iter_mut() {
                 assert!(pages.iter().any(|p| p.contains(w.addr, w.addr + WORD)));
-                let i = (0..self.mapped.len())
-                    .find(|&i| (Fake::base(i)..Fake::base(i) + PAGE).contains(&w.addr))
-                    .unwrap();
-                let off = w.addr - Fake::base(i);
+                let (i, off) = self.page(w.addr);
                 let cur = u64::from_ne_bytes(self.mapped[i][off..off + WORD].try_into().unwrap());
                 if cur == w.old {
                     self.mapped[i][off..off + WORD].copy_from_slice(&w.new.to_ne_bytes());

@@ -17,10 +17,10 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{assert_calls, decode, scenario, trampoline};
+use common::{assert_calls, decode, rwx_mappings, scenario, trampoline};
 use iced_x86::Code;
 use static_call::{
-    Disabled, ErrorKind, Reason, SiteState, WorkerStatus, define_static_call, static_call,
+    Disabled, ErrorKind, Reason, SiteInfo, SiteState, WorkerStatus, define_static_call, static_call,
 };
 
 // --- what the scenarios call ---------------------------------------------------------------
@@ -47,19 +47,6 @@ fn another_site(x: u64) -> u64 {
 
 fn site_addresses() -> Vec<usize> {
     K.sites().iter().map(|s| s.address).collect()
-}
-
-fn rwx_mappings() -> Vec<String> {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .filter(|l| {
-            l.split_whitespace()
-                .nth(1)
-                .is_some_and(|p| p.starts_with("rwx"))
-        })
-        .map(String::from)
-        .collect()
 }
 
 const PR_SET_MDWE: i32 = 65;
@@ -516,52 +503,49 @@ fn assert_calls_through_thunk(site: usize, target: usize, what: &str) -> usize {
         held, target,
         "thunk {thunk:#x} should jump to {what} ({target:#x})"
     );
-    let perms = page_perms(thunk);
+    let perms = common::mapping_of(thunk).perms;
     assert_eq!(&perms[..3], "r-x", "thunk page of {thunk:#x}");
     thunk
 }
 
-/// The permissions of the mapping holding `addr`, as /proc/self/maps shows them.
-fn page_perms(addr: usize) -> String {
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    maps.lines()
-        .find_map(|l| {
-            let mut f = l.split_whitespace();
-            let (range, perms) = (f.next()?, f.next()?);
-            let (a, b) = range.split_once('-')?;
-            let (a, b) = (
-                usize::from_str_radix(a, 16).ok()?,
-                usize::from_str_radix(b, 16).ok()?,
-            );
-            (a <= addr && addr < b).then(|| perms.to_string())
-        })
-        .unwrap_or_else(|| panic!("{addr:#x} is not mapped"))
-}
-
-/// Maps a page of code anywhere (usually far from the program) holding `lea rax, [rdi + n]; ret`.
-fn far_jit(n: i8) -> unsafe extern "C" fn(i64) -> i64 {
-    // SAFETY: a fresh anonymous page, filled then made read-execute.
+/// Copies `code` into fresh anonymous memory, wherever the kernel puts it (usually far from the
+/// program, among the shared libraries), makes it read-execute and returns its address.
+fn map_code(code: &[u8]) -> usize {
+    let len = code.len().next_multiple_of(4096);
+    // SAFETY: a fresh anonymous mapping, filled then made read-execute.
     unsafe {
         let p = libc::mmap(
             core::ptr::null_mut(),
-            4096,
+            len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
             -1,
             0,
         );
         assert_ne!(p, libc::MAP_FAILED);
-        core::ptr::copy_nonoverlapping(
-            [0x48u8, 0x8d, 0x47, n as u8, 0xc3].as_ptr(),
-            p as *mut u8,
-            5,
-        );
-        assert_eq!(
-            libc::mprotect(p, 4096, libc::PROT_READ | libc::PROT_EXEC),
-            0
-        );
-        core::mem::transmute(p)
+        core::ptr::copy_nonoverlapping(code.as_ptr(), p as *mut u8, code.len());
+        assert_eq!(libc::mprotect(p, len, libc::PROT_READ | libc::PROT_EXEC), 0);
+        p as usize
     }
+}
+
+/// `lea rax, [rdi + n]; ret`: a function `x + n`, 5 bytes.
+fn add_n(n: i8) -> [u8; 5] {
+    [0x48, 0x8d, 0x47, n as u8, 0xc3]
+}
+
+/// Calls `FAR`'s site once (with `FAR` on libc's `labs`) and waits until it is settled; returns
+/// its sites, or `None`, with a note, where libc lies within 2 GiB of the program (then there is
+/// no far target to test with).
+fn far_site_settled() -> Option<Vec<SiteInfo>> {
+    let distance = (labs as *const () as usize).abs_diff(far_site as *const () as usize);
+    if distance < (2usize << 30) {
+        println!("note: libc is within 2 GiB of the program here; nothing to check");
+        return None;
+    }
+    assert_eq!(far_site(-5), 5);
+    static_call::flush();
+    Some(FAR.sites())
 }
 
 scenario! {
@@ -570,14 +554,7 @@ scenario! {
     /// thunk per far target, reused when the key comes back to it; `update` moves sites between
     /// direct calls and thunks, all before it returns.
     fn far_targets_are_reached_through_a_near_thunk() {
-        let distance = (labs as *const () as usize).abs_diff(far_site as *const () as usize);
-        if distance < (2usize << 30) {
-            println!("note: libc is within 2 GiB of the program here; nothing to check");
-            return;
-        }
-        assert_eq!(far_site(-5), 5);
-        static_call::flush();
-        let sites = FAR.sites();
+        let Some(sites) = far_site_settled() else { return };
         assert_eq!(sites.len(), 1);
         let site = sites[0].address;
         assert_eq!(sites[0].state, SiteState::Patched);
@@ -593,7 +570,9 @@ scenario! {
         assert_eq!(far_site(-5), 5, "neg(-5)");
 
         // JIT-like code far away gets its own thunk, in the same page.
-        let jit = far_jit(7);
+        // SAFETY: `x + 7` is a function of this signature.
+        let jit: unsafe extern "C" fn(i64) -> i64 =
+            unsafe { core::mem::transmute(map_code(&add_n(7))) };
         if (jit as usize).abs_diff(site) >= (2usize << 30) {
             FAR.update(jit);
             let to_jit = assert_calls_through_thunk(site, jit as usize, "the JIT code");
@@ -622,29 +601,16 @@ scenario! {
     /// When no thunk can be made (here: every thunk slot is used), a far target is still called
     /// correctly, through the trampoline, and the site and `status()` say why.
     fn when_thunks_run_out_far_targets_stay_on_the_trampoline() {
-        let distance = (labs as *const () as usize).abs_diff(far_site as *const () as usize);
-        if distance < (2usize << 30) {
-            println!("note: libc is within 2 GiB of the program here; nothing to check");
-            return;
-        }
-        assert_eq!(far_site(-5), 5);
-        static_call::flush();
-        let site = FAR.sites()[0].address;
+        let Some(sites) = far_site_settled() else { return };
+        let site = sites[0].address;
         // Far code with one function every 8 bytes: `lea rax, [rdi + 1]; ret`.
         let n = THUNK_PAGES * THUNKS_PER_PAGE;
-        let len = (n * 8).next_multiple_of(4096);
-        // SAFETY: a fresh anonymous mapping, filled then made read-execute.
-        let base = unsafe {
-            let p = libc::mmap(core::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
-            assert_ne!(p, libc::MAP_FAILED);
-            for i in 0..n {
-                let f = [0x48u8, 0x8d, 0x47, 0x01, 0xc3, 0xcc, 0xcc, 0xcc];
-                core::ptr::copy_nonoverlapping(f.as_ptr(), (p as *mut u8).add(8 * i), 8);
-            }
-            assert_eq!(libc::mprotect(p, len, libc::PROT_READ | libc::PROT_EXEC), 0);
-            p as usize
-        };
+        let mut code = Vec::with_capacity(n * 8);
+        for _ in 0..n {
+            code.extend_from_slice(&add_n(1));
+            code.extend_from_slice(&[0xcc; 3]);
+        }
+        let base = map_code(&code);
         if base.abs_diff(site) < (2usize << 30) {
             println!("note: the far code landed within 2 GiB; nothing to check");
             return;

@@ -19,28 +19,6 @@ define_static_call!(PROT: extern "C" fn(u32) -> u32 = one);
 
 const UPDATES: usize = 2000;
 
-struct Mapping {
-    start: usize,
-    end: usize,
-    perms: String,
-}
-
-fn mappings() -> Vec<Mapping> {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut f = l.split_whitespace();
-            let (a, b) = f.next().unwrap().split_once('-').unwrap();
-            Mapping {
-                start: usize::from_str_radix(a, 16).unwrap(),
-                end: usize::from_str_radix(b, 16).unwrap(),
-                perms: f.next().unwrap().to_string(),
-            }
-        })
-        .collect()
-}
-
 #[inline(never)]
 fn sites(x: u32) -> u32 {
     static_call!(PROT)(x) + static_call!(PROT)(x) + static_call!(PROT)(x)
@@ -66,7 +44,7 @@ fn code_pages_keep_exec_and_none_is_left_writable() {
         let sampler = s.spawn(|| {
             let mut samples = 0;
             loop {
-                for m in mappings() {
+                for m in common::mappings() {
                     if addresses.iter().any(|&a| m.start <= a && a < m.end) {
                         assert!(
                             m.perms.starts_with("r-x") || m.perms.starts_with("rwx"),
@@ -91,7 +69,7 @@ fn code_pages_keep_exec_and_none_is_left_writable() {
     assert!(samples > 0);
 
     if common::patching() {
-        for m in mappings() {
+        for m in common::mappings() {
             assert!(
                 !(m.perms.starts_with("rw") && m.perms.contains('x')),
                 "{:#x}-{:#x} {}",
@@ -101,10 +79,7 @@ fn code_pages_keep_exec_and_none_is_left_writable() {
             );
         }
         for a in addresses {
-            let m = mappings()
-                .into_iter()
-                .find(|m| m.start <= a && a < m.end)
-                .unwrap();
+            let m = common::mapping_of(a);
             assert_eq!(
                 &m.perms[..3],
                 "r-x",

@@ -163,32 +163,6 @@ impl Library {
     }
 }
 
-/// One line of /proc/self/maps.
-#[derive(Debug)]
-struct Mapping {
-    start: usize,
-    end: usize,
-    perms: String,
-    inode: u64,
-}
-
-fn maps() -> Vec<Mapping> {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let (a, b) = f[0].split_once('-').unwrap();
-            Mapping {
-                start: usize::from_str_radix(a, 16).unwrap(),
-                end: usize::from_str_radix(b, 16).unwrap(),
-                perms: f[1].to_string(),
-                inode: f[4].parse().unwrap(),
-            }
-        })
-        .collect()
-}
-
 fn inode(path: &Path) -> u64 {
     std::fs::metadata(path).unwrap().ino()
 }
@@ -196,14 +170,14 @@ fn inode(path: &Path) -> u64 {
 /// Whether /proc/self/maps shows the file.
 fn mapped(path: &Path) -> bool {
     let ino = inode(path);
-    maps().iter().any(|m| m.inode == ino)
+    common::mappings().iter().any(|m| m.inode == ino)
 }
 
 /// The executable ranges of the file's mappings (contiguous ones merged: patching splits them).
 fn code_ranges(path: &Path) -> Vec<(usize, usize)> {
     let ino = inode(path);
     let mut out: Vec<(usize, usize)> = Vec::new();
-    for m in maps()
+    for m in common::mappings()
         .iter()
         .filter(|m| m.inode == ino && m.perms.contains('x'))
     {
@@ -265,7 +239,7 @@ fn assert_only_sites_changed(changed: &[usize], sites: &[usize], what: &str) {
 }
 
 fn no_rwx_mapping() -> bool {
-    maps().iter().all(|m| !m.perms.starts_with("rwx"))
+    common::rwx_mappings().is_empty()
 }
 
 extern "C" fn main_add1000(x: i64) -> i64 {

@@ -23,21 +23,63 @@ pub fn trampoline() -> usize {
     static_call::trampoline_address().expect("patching build")
 }
 
-/// The end of the run of contiguous mappings that holds `addr`, from /proc/self/maps. (Patching
-/// may split the text mapping where it opened pages for writing.)
+/// One line of /proc/self/maps.
+#[derive(Clone, Debug)]
+pub struct Mapping {
+    pub start: usize,
+    pub end: usize,
+    /// `r-xp`, `rwxp`...
+    pub perms: String,
+    pub inode: u64,
+    /// The whole line, for messages.
+    pub line: String,
+}
+
+/// The process's mappings, in address order.
+pub fn mappings() -> Vec<Mapping> {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (a, b) = f[0].split_once('-').unwrap();
+            Mapping {
+                start: usize::from_str_radix(a, 16).unwrap(),
+                end: usize::from_str_radix(b, 16).unwrap(),
+                perms: f[1].to_string(),
+                inode: f[4].parse().unwrap(),
+                line: line.to_string(),
+            }
+        })
+        .collect()
+}
+
+/// The mapping that holds `addr`.
+pub fn mapping_of(addr: usize) -> Mapping {
+    mappings()
+        .into_iter()
+        .find(|m| m.start <= addr && addr < m.end)
+        .unwrap_or_else(|| panic!("{addr:#x} is not mapped"))
+}
+
+/// The lines of every mapping that is writable and executable at once (there must be none once
+/// a write is over).
+pub fn rwx_mappings() -> Vec<String> {
+    mappings()
+        .into_iter()
+        .filter(|m| m.perms.starts_with("rwx"))
+        .map(|m| m.line)
+        .collect()
+}
+
+/// The end of the run of contiguous mappings that holds `addr`. (Patching may split the text
+/// mapping where it opened pages for writing.)
 fn mapping_end(addr: usize) -> usize {
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
     let mut end = None;
-    for line in maps.lines() {
-        let range = line.split_whitespace().next().unwrap();
-        let (a, b) = range.split_once('-').unwrap();
-        let (a, b) = (
-            usize::from_str_radix(a, 16).unwrap(),
-            usize::from_str_radix(b, 16).unwrap(),
-        );
+    for m in mappings() {
         match end {
-            None if a <= addr && addr < b => end = Some(b),
-            Some(e) if a == e => end = Some(b),
+            None if m.start <= addr && addr < m.end => end = Some(m.end),
+            Some(e) if m.start == e => end = Some(m.end),
             Some(e) => return e,
             None => {}
         }
