@@ -16,11 +16,16 @@
  * return the key's current target, restores everything and tail-jumps there.  rsp is back at its
  * entry value when it jumps, so the target sees exactly the frame the caller built.
  *
- * Stack alignment invariant: on entry rsp = 8 (mod 16).  Seven 8-byte pushes make it 0 (mod 16),
- * and the 128-byte xmm area keeps it there, so (1) the movaps stores below are aligned and (2) the
- * `call {slow}` happens with rsp = 0 (mod 16) as the ABI demands.  Changing the number of pushes
- * or the size of the xmm area breaks both; tests/trampoline.rs checks it with a slow path that
- * uses aligned SSE stores.
+ * On exit r11 holds the key's address again, as it does when a patched site calls the target
+ * directly (its `lea` ran just before): every target is entered with r11 = its key, whichever
+ * way it was reached.  The jump goes through r10, which is neither an argument register nor
+ * callee-saved under System V.
+ *
+ * Stack alignment invariant: on entry rsp = 8 (mod 16).  Eight 8-byte pushes keep it 8 (mod 16);
+ * the 136-byte area (128 for xmm0-7, 8 of padding) makes it 0 (mod 16), so (1) the movaps stores
+ * below are aligned and (2) the `call {slow}` happens with rsp = 0 (mod 16) as the ABI demands.
+ * Changing the number of pushes or the size of that area breaks both; the slow path checks it on
+ * every call with an aligned SSE store (`alignment_canary` in src/trampoline.rs).
  *
  * CFI is exact at every instruction (CFA = rsp + 8 + bytes pushed), through the final jmp, so
  * debuggers and unwinders can walk out of a target that was entered through here.
@@ -46,9 +51,11 @@
     .cfi_adjust_cfa_offset 8
     push    rax
     .cfi_adjust_cfa_offset 8
+    push    r11
+    .cfi_adjust_cfa_offset 8
     /* rsp = 0 (mod 16) from here until the matching add */
-    sub     rsp, 128
-    .cfi_adjust_cfa_offset 128
+    sub     rsp, 136
+    .cfi_adjust_cfa_offset 136
     movaps  xmmword ptr [rsp + 0], xmm0
     movaps  xmmword ptr [rsp + 16], xmm1
     movaps  xmmword ptr [rsp + 32], xmm2
@@ -58,9 +65,9 @@
     movaps  xmmword ptr [rsp + 96], xmm6
     movaps  xmmword ptr [rsp + 112], xmm7
     mov     rdi, r11                    /* key */
-    mov     rsi, qword ptr [rsp + 184]  /* return address: 128 (xmm) + 7 * 8 (pushes) */
+    mov     rsi, qword ptr [rsp + 200]  /* return address: 136 (xmm, pad) + 8 * 8 (pushes) */
     call    {slow}
-    mov     r11, rax                    /* target: r11 is neither an argument nor callee-saved */
+    mov     r10, rax                    /* target: r10 is neither an argument nor callee-saved */
     movaps  xmm0, xmmword ptr [rsp + 0]
     movaps  xmm1, xmmword ptr [rsp + 16]
     movaps  xmm2, xmmword ptr [rsp + 32]
@@ -69,8 +76,10 @@
     movaps  xmm5, xmmword ptr [rsp + 80]
     movaps  xmm6, xmmword ptr [rsp + 96]
     movaps  xmm7, xmmword ptr [rsp + 112]
-    add     rsp, 128
-    .cfi_adjust_cfa_offset -128
+    add     rsp, 136
+    .cfi_adjust_cfa_offset -136
+    pop     r11                         /* the key again */
+    .cfi_adjust_cfa_offset -8
     pop     rax
     .cfi_adjust_cfa_offset -8
     pop     r9
@@ -85,7 +94,7 @@
     .cfi_adjust_cfa_offset -8
     pop     rdi
     .cfi_adjust_cfa_offset -8
-    jmp     r11
+    jmp     r10
     .cfi_endproc
     .size   {tramp}, . - {tramp}
     .popsection

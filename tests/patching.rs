@@ -439,3 +439,41 @@ fn keys_are_sixteen_bytes_and_const_constructible() {
     static K: StaticCall<extern "C" fn(i64, i64) -> i64> = StaticCall::new(add);
     assert_eq!(K.query()(2, 3), 5);
 }
+
+// A target that returns r11 as it was on entry.
+#[cfg(target_arch = "x86_64")]
+core::arch::global_asm!(
+    ".globl static_call_test_r11",
+    "static_call_test_r11:",
+    "mov rax, r11",
+    "ret",
+);
+#[cfg(target_arch = "x86_64")]
+unsafe extern "C" {
+    /// Returns r11 as it was on entry.
+    fn static_call_test_r11() -> usize;
+}
+
+#[cfg(target_arch = "x86_64")]
+define_static_call!(R11: unsafe extern "C" fn() -> usize = static_call_test_r11);
+
+/// Every target is entered with its key's address in r11: through the trampoline (which restores
+/// it before its jump) and once patched (the site's `lea` ran just before the call). Pointer
+/// adapters and guard stubs rely on it.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn targets_are_entered_with_the_key_in_r11() {
+    let f = black_box(static_call!(R11));
+    if !patching() {
+        return;
+    }
+    let key = R11.as_ptr() as usize;
+    let site = only_site(addr(f), key);
+    assert_calls(site, trampoline(), "trampoline");
+    // SAFETY: the target only reads r11.
+    assert_eq!(unsafe { f() }, key, "through the trampoline");
+    static_call::flush();
+    assert_calls(site, R11.query() as usize, "the r11 probe");
+    // SAFETY: as above.
+    assert_eq!(unsafe { f() }, key, "patched");
+}

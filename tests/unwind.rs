@@ -33,9 +33,9 @@ fn unwind_child_entry() {
     }
 }
 
-/// Instructions in the trampoline, entry to final `jmp` (7 pushes, sub, 8 stores, 2 movs, call,
-/// mov, 8 loads, add, 7 pops, jmp).
-const TRAMPOLINE_INSNS: usize = 37;
+/// Instructions in the trampoline, entry to final `jmp` (8 pushes, sub, 8 stores, 2 movs, call,
+/// mov, 8 loads, add, 8 pops, jmp).
+const TRAMPOLINE_INSNS: usize = 39;
 
 #[test]
 fn gdb_backtraces_walk_through_every_instruction_of_the_trampoline() {
