@@ -33,7 +33,9 @@ mod imp {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::time::{Duration, Instant};
 
-    use static_call::{SiteState, StaticCall, Stats, define_static_call, static_call};
+    use static_call::{
+        SiteState, StaticCall, StaticCallKey, Stats, define_static_call, static_call,
+    };
 
     type F = extern "C" fn(u64) -> u64;
 
@@ -44,6 +46,20 @@ mod imp {
     define_static_call!(U10K: extern "C" fn(u64) -> u64 = inc);
     define_static_call!(PACKED: extern "C" fn(u64) -> u64 = inc);
     define_static_call!(GAPPED: extern "C" fn(u64) -> u64 = inc);
+    define_static_call!(W0: extern "C" fn(u64) -> u64 = inc);
+    define_static_call!(W1: extern "C" fn(u64) -> u64 = inc);
+    define_static_call!(W2: extern "C" fn(u64) -> u64 = inc);
+    define_static_call!(W3: extern "C" fn(u64) -> u64 = inc);
+    define_static_call!(W4: extern "C" fn(u64) -> u64 = inc);
+    define_static_call!(W5: extern "C" fn(u64) -> u64 = inc);
+    define_static_call!(W6: extern "C" fn(u64) -> u64 = inc);
+    define_static_call!(W7: extern "C" fn(u64) -> u64 = inc);
+
+    /// How long the update storm lasts (`STATIC_CALL_STORM_MS` to change it).
+    const STORM_MS: u64 = 2000;
+    /// Threads in the update storm: more than the machine's CPUs, so that updaters get
+    /// preempted, some of them while they hold pages open.
+    const STORM_THREADS: usize = 8;
 
     // ---- site generators ------------------------------------------------------------------
 
@@ -111,6 +127,66 @@ mod imp {
         static_call!(U1)(x)
     }
 
+    /// One site of the key `K`, for the update storm.
+    #[inline(never)]
+    fn storm_site<K: StaticCallKey<Fn = F>>(x: u64) -> u64 {
+        static_call!(<K>)(x)
+    }
+
+    /// The windows of writable code opened while `run` ran: their number, and the duration
+    /// (an upper bound, from the log2 histogram of `stats()`) under which half, 99% and all of
+    /// them lasted, in µs.
+    fn windows_during(run: impl FnOnce()) -> (u64, f64, f64, f64) {
+        let s0 = static_call::stats();
+        run();
+        let d = stats_delta(s0, static_call::stats());
+        let q = |x: f64| d.rwx_window_quantile(x).map_or(0.0, |n| n as f64 / 1e3);
+        (d.rwx_windows.iter().sum(), q(0.5), q(0.99), q(1.0))
+    }
+
+    /// `STORM_THREADS` threads updating keys of their own (one patched site each) for
+    /// `ms` milliseconds; the writable-code windows they opened.
+    fn update_storm(ms: u64) -> (u64, f64, f64, f64) {
+        /// A key and a function holding one of its sites.
+        type Updater = (&'static StaticCall<F>, fn(u64) -> u64);
+        let keys: [Updater; 8] = [
+            (&W0, storm_site::<W0>),
+            (&W1, storm_site::<W1>),
+            (&W2, storm_site::<W2>),
+            (&W3, storm_site::<W3>),
+            (&W4, storm_site::<W4>),
+            (&W5, storm_site::<W5>),
+            (&W6, storm_site::<W6>),
+            (&W7, storm_site::<W7>),
+        ];
+        for (i, (_, f)) in keys.iter().enumerate() {
+            black_box(f(black_box(i as u64)));
+        }
+        static_call::flush();
+        let stop = Arc::new(AtomicBool::new(false));
+        windows_during(|| {
+            let threads: Vec<_> = keys
+                .iter()
+                .take(STORM_THREADS)
+                .map(|&(key, _)| {
+                    let stop = stop.clone();
+                    std::thread::spawn(move || {
+                        let mut r = 0u64;
+                        while !stop.load(Ordering::Relaxed) {
+                            key.update(if r.is_multiple_of(2) { dec } else { inc });
+                            r += 1;
+                        }
+                    })
+                })
+                .collect();
+            std::thread::sleep(Duration::from_millis(ms));
+            stop.store(true, Ordering::Relaxed);
+            for t in threads {
+                t.join().unwrap();
+            }
+        })
+    }
+
     // ---- measurement helpers --------------------------------------------------------------
 
     #[derive(Clone, Copy, Default)]
@@ -146,6 +222,7 @@ mod imp {
             rwx_nanos: b.rwx_nanos - a.rwx_nanos,
             max_rwx_nanos: b.max_rwx_nanos,
             thunk_pages: b.thunk_pages - a.thunk_pages,
+            rwx_windows: core::array::from_fn(|i| b.rwx_windows[i] - a.rwx_windows[i]),
         }
     }
 
@@ -436,6 +513,7 @@ mod imp {
                 rwx_nanos: per(d.rwx_nanos),
                 max_rwx_nanos: d.max_rwx_nanos,
                 thunk_pages: d.thunk_pages,
+                rwx_windows: d.rwx_windows,
             },
             rwx_us: d.rwx_nanos as f64 / reps as f64 / 1e3,
             vmas_before,
@@ -710,6 +788,36 @@ mod imp {
         j.open("windows");
         json_update(&mut j, "contiguous", &packed);
         json_update(&mut j, "gapped", &gapped);
+        j.close();
+
+        // How long code pages stay writable: updates one at a time, then a storm of updaters
+        // (more threads than CPUs) that get preempted inside their windows.
+        println!("windows of writable code (µs; log2-bucket upper bounds):");
+        let quiet = windows_during(|| {
+            for r in 0..2000 {
+                U1.update(if r % 2 == 0 { dec } else { inc });
+            }
+        });
+        let storm_ms = std::env::var("STATIC_CALL_STORM_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(STORM_MS);
+        let storm = update_storm(storm_ms);
+        for (what, (n, p50, p99, max)) in [
+            ("updates one at a time", quiet),
+            ("update storm, 8 threads on this machine's CPUs", storm),
+        ] {
+            println!("  {what:<44} {n} windows: p50 <= {p50:.1}, p99 <= {p99:.1}, max <= {max:.1}");
+        }
+        j.open("rwx_windows");
+        for (k, (n, p50, p99, max)) in [("quiet", quiet), ("storm", storm)] {
+            j.open(k);
+            j.num("windows", n as f64);
+            j.num("p50_us", p50);
+            j.num("p99_us", p99);
+            j.num("max_us", max);
+            j.close();
+        }
         j.close();
 
         // Memory.

@@ -312,6 +312,8 @@ fn state_text(state: SiteState) -> String {
         SiteState::Patched => "patched".to_string(),
         SiteState::Pending => "waiting for the patcher".to_string(),
         SiteState::Trampoline(why) => format!("not patched\n   ({why})"),
+        SiteState::Foreign => "holds someone else's bytes (a breakpoint?)".to_string(),
+        other => format!("{other:?}"),
     }
 }
 

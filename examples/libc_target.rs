@@ -87,6 +87,7 @@ fn show_sites(step: &str) {
             SiteState::Patched => describe(site.address, &names),
             SiteState::Pending => "waiting for the patcher".to_string(),
             SiteState::Trampoline(why) => format!("through the trampoline: {why}"),
+            other => format!("{other:?}"),
         };
         println!("   site {:#x}: {how}", site.address);
     }

@@ -299,6 +299,7 @@ fn print_field<F: Copy>(
                 }
                 "trampoline"
             }
+            _ => "other",
         };
         println!(
             "   {field:<13} {target:<12} {:<#16x} {state:<11} {}",

@@ -118,13 +118,19 @@ pub enum Reason {
     /// The site's bytes do not prove that it belongs to the key it was called with. Reached by a
     /// key other than its own, such a site must never be bound to either key.
     KeyNotProven,
-    /// Someone else changed the site's bytes (a debugger's breakpoint, say). They are never
-    /// overwritten.
+    /// Someone else changed the site's bytes (a debugger's breakpoint, say) before its first
+    /// patch, so they did not prove its key. They are never overwritten.
     ForeignBytes,
     /// The key's target is more than ±2 GiB from the site, beyond a `call rel32`, and no near
     /// thunk could be made for it ([`Status::thunk_error`] says why). The site is patched again
     /// once the key points somewhere it can reach.
     TargetOutOfRange,
+    /// `mprotect` failed with an error that may pass (`ENOMEM`, near `vm.max_map_count`): the
+    /// worker tries again later, backing off, and patching stays on.
+    WriteFailed {
+        /// errno from `mprotect`.
+        errno: i32,
+    },
 }
 
 impl fmt::Display for Reason {
@@ -139,6 +145,11 @@ impl fmt::Display for Reason {
             Reason::TargetOutOfRange => {
                 f.write_str("the target is beyond ±2 GiB of the site and has no near thunk")
             }
+            Reason::WriteFailed { errno } => write!(
+                f,
+                "mprotect failed ({}); the patcher tries again later",
+                errno_name(*errno)
+            ),
         }
     }
 }
@@ -156,6 +167,7 @@ impl fmt::Display for Reason {
 /// let patched = K.sites().iter().filter(|s| s.state == SiteState::Patched).count();
 /// println!("{patched} of {} sites call their target directly", K.sites().len());
 /// ```
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SiteState {
     /// Registered by its first call and waiting for the patcher; calls go through the trampoline.
@@ -166,6 +178,16 @@ pub enum SiteState {
     Patched,
     /// Calls keep going through the trampoline (correct, but slower), for this reason.
     Trampoline(Reason),
+    /// Someone else's bytes are at the site now, over the library's own (a debugger's
+    /// breakpoint, say): [`SiteInfo::bytes`] shows them. The library never writes over them.
+    /// While they are there, an update of the key that would have to rewrite this site fails
+    /// with [`ErrorKind::ForeignBytes`] and changes nothing, so that the library's bytes,
+    /// once put back, still agree with the key.
+    Foreign,
+    /// The site's bytes are the library's, but call a target its key no longer holds. This
+    /// happens only after an update failed with [`ErrorKind::UndoFailed`] naming this site, once
+    /// the foreign bytes that were over it are gone; the next update of the key rewrites it.
+    Stale,
 }
 
 /// One call site, as [`StaticCall::sites`](crate::StaticCall::sites) lists it.
@@ -178,18 +200,46 @@ pub enum SiteState {
 ///
 /// static_call!(K)();
 /// for site in K.sites() {
-///     println!("call instruction at {:#x}: {:?}", site.address, site.state);
+///     println!("{site:?}"); // address in hex, state, and the five bytes there now
 /// }
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct SiteInfo {
     /// Address of the site's 5-byte `call` instruction.
     pub address: usize,
     /// Whether it is patched.
     pub state: SiteState,
+    /// The five bytes at the site when it was listed, read from the code; `None` if the address
+    /// is not inside this library's own code (a return address that follows no site of ours).
+    pub bytes: Option<[u8; 5]>,
 }
 
-/// An update that could not be carried out. The key and all its sites keep the old target.
+impl fmt::Debug for SiteInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct Hex(usize);
+        impl fmt::Debug for Hex {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{:#x}", self.0)
+            }
+        }
+        struct Bytes([u8; 5]);
+        impl fmt::Debug for Bytes {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let [a, b, c, d, e] = self.0;
+                write!(f, "{a:02x} {b:02x} {c:02x} {d:02x} {e:02x}")
+            }
+        }
+        f.debug_struct("SiteInfo")
+            .field("address", &Hex(self.address))
+            .field("state", &self.state)
+            .field("bytes", &self.bytes.map(Bytes))
+            .finish()
+    }
+}
+
+/// An update, a [`Batch`](crate::Batch) or [`unpatch_all`](crate::unpatch_all) that could not
+/// be carried out. What it leaves behind depends on the [`kind`](Self::kind); each kind's
+/// documentation says, and docs/safety.md has them side by side ("What an error leaves behind").
 ///
 /// ```
 /// use static_call::{ErrorKind, define_static_call};
@@ -210,11 +260,18 @@ pub struct SiteInfo {
 pub struct Error {
     /// The site that could not be rewritten, if one site was the cause.
     pub site: Option<usize>,
-    /// What went wrong.
+    /// What went wrong, and so what the keys and sites hold now.
     pub kind: ErrorKind,
 }
 
-/// What made an [`Error`].
+/// What made an [`Error`], and what it leaves behind.
+///
+/// For `update`, `try_update`, `set_null`, `set_return_zero` and [`Batch`](crate::Batch), every
+/// kind but [`NotSynced`](Self::NotSynced) and [`UndoFailed`](Self::UndoFailed) means that
+/// **nothing changed**: every key keeps its old target and every site holds what it held.
+/// [`unpatch_all`](crate::unpatch_all) works site by site instead (a site back on the
+/// trampoline is correct whatever happens): after an error, the sites it could rewrite are on
+/// the trampoline and the others are unchanged.
 ///
 /// ```
 /// use static_call::ErrorKind;
@@ -231,20 +288,47 @@ pub struct Error {
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorKind {
-    /// A patched site's page could not be made writable; holds the errno (usually `EACCES`,
-    /// after `prctl(PR_SET_MDWE)`). Call [`unpatch_all`](crate::unpatch_all) before sandboxing to
-    /// keep `update` working.
+    /// A page holding a site that had to change could not be made writable; holds the errno
+    /// (usually `EACCES`, after `prctl(PR_SET_MDWE)`). Nothing was written. Patching is off from
+    /// now on ([`Disabled::WriteRefused`]), except for `ENOMEM`, which may pass: then patching
+    /// stays on and the operation can simply be tried again. Call
+    /// [`unpatch_all`](crate::unpatch_all) before sandboxing to keep `update` working.
     WriteRefused {
         /// errno from `mprotect`.
         errno: i32,
     },
-    /// A patched site's bytes were changed by someone else and cannot be rewritten.
+    /// The named site calls the old target directly (or is a NOP, or `xor eax, eax`), and
+    /// someone else's bytes are over it now (a debugger's breakpoint), found before writing or
+    /// in the middle of the write. Any write already made was undone. [`SiteState::Foreign`]
+    /// marks the site; once its bytes are back, the update can be tried again.
     ForeignBytes,
-    /// The cores could not be serialised after the write (`membarrier` failed with this errno).
+    /// `membarrier(SYNC_CORE)` failed (holds the errno) when tried before anything was
+    /// published, so nothing changed. Patching is off from now on ([`Disabled::NoCoreSync`]);
+    /// keys whose sites are all on the trampoline can still be updated, others cannot: call
+    /// [`unpatch_all`](crate::unpatch_all) before installing a seccomp filter that denies
+    /// `membarrier`.
     CoreSyncFailed {
         /// errno from `membarrier`.
         errno: i32,
     },
+    /// **The change was made** (or, after a failure, undone): the keys hold the targets
+    /// [`query`](crate::StaticCall::query) reports and every site's bytes agree with them, but
+    /// `membarrier(SYNC_CORE)` failed afterwards (holds the errno), so a core that fetched a
+    /// site's previous instruction before the write may still run it until that core is next
+    /// serialised. Patching is off from now on ([`Disabled::NoCoreSync`]).
+    NotSynced {
+        /// errno from `membarrier`.
+        errno: i32,
+    },
+    /// Two foreign writes within one update: it failed as for
+    /// [`ForeignBytes`](Self::ForeignBytes), and while it undid its writes, someone else's bytes
+    /// landed on the named site too (or its page could no longer be written). The keys hold
+    /// the targets [`query`](crate::StaticCall::query) reports and every other site agrees with
+    /// them; the named site ([`SiteState::Foreign`]) has this update's instruction under the
+    /// foreign bytes, so once they are removed it may run a target its key does not hold, until
+    /// the key is next updated. Nothing but a second code writer racing with this one can cause
+    /// it.
+    UndoFailed,
 }
 
 impl fmt::Display for Error {
@@ -258,9 +342,19 @@ impl fmt::Display for Error {
             ErrorKind::ForeignBytes => {
                 f.write_str("a patched site's bytes were changed by someone else")?
             }
-            ErrorKind::CoreSyncFailed { errno } => {
-                write!(f, "membarrier(SYNC_CORE) failed ({})", errno_name(errno))?
-            }
+            ErrorKind::CoreSyncFailed { errno } => write!(
+                f,
+                "membarrier(SYNC_CORE) failed ({}); nothing changed",
+                errno_name(errno)
+            )?,
+            ErrorKind::NotSynced { errno } => write!(
+                f,
+                "the change was made but membarrier(SYNC_CORE) failed afterwards ({})",
+                errno_name(errno)
+            )?,
+            ErrorKind::UndoFailed => f.write_str(
+                "a site's bytes were changed by someone else, and another changed while undoing",
+            )?,
         }
         if let Some(site) = self.site {
             write!(f, " at site {site:#x}")?;
@@ -365,6 +459,39 @@ pub struct Stats {
     pub max_rwx_nanos: u64,
     /// Pages mapped near the code for thunks to far targets (never writable once executable).
     pub thunk_pages: u64,
+    /// How long each window of writable and executable pages lasted, as a histogram: entry `i`
+    /// counts the windows of `2^i` to `2^(i+1) - 1` nanoseconds (the last entry, everything from
+    /// about 2 s). A window lasts as long as the writing thread runs between its two `mprotect`
+    /// calls, so its tail is set by the scheduler: see docs/safety.md.
+    pub rwx_windows: [u64; 32],
+}
+
+impl Stats {
+    /// The duration (an upper bound, in nanoseconds) under which a fraction `q` (0.0–1.0) of
+    /// the windows of writable code lasted, from [`rwx_windows`](Self::rwx_windows); `None` if
+    /// there was none.
+    ///
+    /// ```
+    /// let stats = static_call::stats();
+    /// if let Some(p99) = stats.rwx_window_quantile(0.99) {
+    ///     println!("99% of the writable-code windows lasted under {p99} ns");
+    /// }
+    /// ```
+    pub fn rwx_window_quantile(&self, q: f64) -> Option<u64> {
+        let total: u64 = self.rwx_windows.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let want = ((total as f64) * q.clamp(0.0, 1.0)).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, &n) in self.rwx_windows.iter().enumerate() {
+            seen += n;
+            if seen >= want {
+                return Some((1u64 << (i + 1)) - 1);
+            }
+        }
+        Some(u64::MAX)
+    }
 }
 
 /// A short name for an errno value.
@@ -422,6 +549,7 @@ impl Reason {
     const KEY_NOT_PROVEN: u16 = 0x41 << 8;
     const FOREIGN_BYTES: u16 = 0x42 << 8;
     const TARGET_OUT_OF_RANGE: u16 = 0x43 << 8;
+    const WRITE_FAILED: u16 = 0x44 << 8;
 
     pub(crate) fn to_code(self) -> u16 {
         match self {
@@ -430,6 +558,7 @@ impl Reason {
             Reason::KeyNotProven => Self::KEY_NOT_PROVEN,
             Reason::ForeignBytes => Self::FOREIGN_BYTES,
             Reason::TargetOutOfRange => Self::TARGET_OUT_OF_RANGE,
+            Reason::WriteFailed { errno } => Self::WRITE_FAILED | errno.clamp(0, 255) as u16,
         }
     }
 
@@ -440,6 +569,9 @@ impl Reason {
             Self::KEY_NOT_PROVEN => Reason::KeyNotProven,
             Self::FOREIGN_BYTES => Reason::ForeignBytes,
             Self::TARGET_OUT_OF_RANGE => Reason::TargetOutOfRange,
+            _ if code & 0xff00 == Self::WRITE_FAILED => Reason::WriteFailed {
+                errno: (code & 0xff) as i32,
+            },
             _ => Reason::Disabled(Disabled::from_code(code)?),
         })
     }
@@ -466,6 +598,9 @@ mod tests {
             Reason::KeyNotProven,
             Reason::ForeignBytes,
             Reason::TargetOutOfRange,
+            Reason::WriteFailed {
+                errno: libc::ENOMEM,
+            },
         ];
         for r in all {
             assert_ne!(r.to_code(), 0);

@@ -60,6 +60,8 @@ mod arch {
 }
 #[cfg(static_call_patching)]
 mod os {
+    #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
+    pub(crate) mod faults;
     pub(crate) mod linux;
 }
 #[cfg(static_call_patching)]
@@ -215,6 +217,12 @@ pub mod __private {
     /// Bytes before the `call` that `prove_site` reads.
     #[cfg(static_call_patching)]
     pub const SITE_PROLOGUE: usize = crate::arch::x86_64::PROLOGUE;
+
+    /// Fault injection into the code writer, for this crate's own tests (see `os/faults.rs`).
+    #[cfg(all(static_call_patching, feature = "fault-injection"))]
+    pub mod faults {
+        pub use crate::os::faults::{Point, Step, arm, foreign, reset, seen, set_hook};
+    }
 
     /// Whether call sites are asm blocks (true) or loads of the target (false).
     pub const PATCHING: bool = cfg!(static_call_patching);

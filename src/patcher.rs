@@ -1,14 +1,63 @@
 //! The patcher: decides what each registered site's five bytes should be and has the code writer
 //! (`os/linux.rs`) put them there. Everything here runs under the patch lock, which serialises
-//! the worker, `update`, `flush` and `fork`.
+//! the worker, `update`, `flush`, `unpatch_all` and `fork`.
+//!
+//! # A site's record
+//!
+//! Each registered site has a record ([`Info`], in its registry slot) that only the holder of
+//! the patch lock changes:
+//!
+//! | record | meaning | in its key's list | bytes at the site |
+//! |---|---|---|---|
+//! | `UNSETTLED` | registered, not looked at yet | no | `call trampoline`, as compiled |
+//! | `BLOCKED(reason)` | its bytes did not prove its key, or patching was off | no | never written by us |
+//! | `LIVE(ours, reason)` | proven; `ours` are the bytes we last wrote or verified there; `reason` says why they are `call trampoline`, if they are | yes | `ours`, or someone else's bytes over them (*foreign*) |
+//!
+//! Foreign bytes are never recorded: every operation, and `sites()`, re-reads the site. A LIVE
+//! site is *required* when `ours` is not `call trampoline`: it calls a target directly (or is a
+//! NOP, or `xor eax, eax`), so it does not follow its key by itself and must be rewritten when
+//! the key changes. A site on the trampoline is correct whatever its key holds.
+//!
+//! # Transitions
+//!
+//! Every change of a record follows one row of this table; the function named in the last
+//! column makes it.
+//!
+//! | from | when | to | bytes written | where |
+//! |---|---|---|---|---|
+//! | UNSETTLED | patching is off | BLOCKED(Disabled) | — | `settle_one` |
+//! | UNSETTLED | the bytes do not prove the key | BLOCKED(NotASite, KeyNotProven or ForeignBytes) | — | `settle_one` |
+//! | UNSETTLED | proven | LIVE(call trampoline), linked to its key; then planned as below | — | `settle_one` |
+//! | LIVE(x) | planned for `want` = x | LIVE(x, new reason) | — | `plan_site` |
+//! | LIVE(x) | planned; foreign bytes, not required | LIVE(x): correct whatever the key holds, and once the bytes are back | — | `plan_site` |
+//! | LIVE(x) | planned; foreign bytes, required | LIVE(x); an all-or-nothing operation fails before anything changed | — | `plan_site` |
+//! | LIVE(x) | planned; not required, patching off | LIVE(x, Disabled) | — | `plan_site` |
+//! | LIVE(x) | written | LIVE(want) | x → want | `record` |
+//! | LIVE(x) | page refused (EACCES...) | LIVE(x, Disabled(WriteRefused)); patching off | — | `record` |
+//! | LIVE(x) | page refused with ENOMEM, which may pass | LIVE(x, WriteFailed); retried later by the worker | — | `record` |
+//! | LIVE(x) | compare-exchange lost: someone else wrote meanwhile | LIVE(x) | — | `record` |
+//! | LIVE(want) | undone (an all-or-nothing operation failed) | LIVE(x) | want → x | `roll_back` |
+//! | LIVE(want) | undo lost, or its page refused | LIVE(want) (the truth: `want` is under the foreign bytes) | — | `roll_back` |
+//!
+//! # Operations
+//!
+//! - **Settling new sites** (the worker, `flush`): site by site; a failure is recorded in the
+//!   site's record and nothing is undone (every site planned here is on the trampoline, which
+//!   is correct whatever happens).
+//! - **`update` and `Batch`**: all or nothing over required sites. Planning fails, before
+//!   anything changed, if a required site holds foreign bytes. If there is a required write,
+//!   one core sync runs before anything is published, so that a failing `membarrier` is found
+//!   while nothing has changed. Then the targets are published and the plan written; if a
+//!   required write fails, the targets are restored and the writes undone (`roll_back`).
+//! - **`unpatch_all`**: site by site, every LIVE site to `call trampoline`; patching goes off
+//!   only once every site is there.
 //!
 //! Invariants, under the lock:
-//! - A site is in its key's list exactly when its `Info` is LIVE: its bytes were verified as one
-//!   of our sites, bound to that key (`arch::prove_site`).
-//! - A LIVE site's `insn` is the five bytes at the site, as we last wrote or verified them.
-//! - A LIVE site's bytes are `call <key's target>` (or of its near thunk, for a target beyond
-//!   ±2 GiB; `thunks.rs`), or `call <trampoline>` with `reason` saying why not (no thunk for a
-//!   far target, writes refused).
+//! - A site is in its key's list exactly when its record is LIVE.
+//! - When no operation is under way, the `ours` of every LIVE site of a key agrees with the
+//!   key's target: `call <target>` (or of its near thunk, `thunks.rs`), NOP5 or RET0, or
+//!   `call trampoline` with a reason. The one exception is the site named by
+//!   `ErrorKind::UndoFailed`.
 //! - `key.func` changes only here, under the lock; the worker reads it at patch time, never at
 //!   queue time, so a site registered before an `update` is patched to the new target.
 //! - A site enters its key's list in the same lock hold that patches it: an `update` either
@@ -18,8 +67,11 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::Ordering;
 
 use crate::arch::x86_64::{self as arch, Insn, PROLOGUE, SiteInsn, SiteWord, WORD};
-use crate::diagnostics::{Disabled, Error, ErrorKind, Reason, SiteInfo, SiteState, Status};
+use crate::diagnostics::{
+    Disabled, Error, ErrorKind, Reason, SiteInfo, SiteState, Status, WorkerStatus,
+};
 use crate::key::{RawKey, RawTarget};
+use crate::os::faults::{self, Point};
 use crate::os::linux::{self, Write, WriteError};
 use crate::registry::{QUEUED, RETRY, SETTLED, Slot};
 use crate::runtime::{self, Runtime};
@@ -93,6 +145,17 @@ impl Info {
         }
     }
 
+    fn with_reason(self, reason: Reason) -> Info {
+        Info {
+            reason: reason.to_code(),
+            ..self
+        }
+    }
+
+    fn reason(self) -> Option<Reason> {
+        Reason::from_code(self.reason)
+    }
+
     pub fn pack(self) -> u64 {
         arch::pack(self.insn) | (self.status as u64) << 40 | (self.reason as u64) << 48
     }
@@ -114,43 +177,23 @@ impl Info {
     }
 }
 
-/// A write the patcher wants, and what it is for.
+/// A write an operation wants at one LIVE site.
 #[derive(Clone, Copy)]
 struct Planned {
     index: u32,
     /// The site's call instruction.
     site: usize,
     /// The five bytes being written there.
-    insn: Insn,
+    want: Insn,
+    /// Why `want` is `call trampoline`, if it is.
+    reason: Option<Reason>,
     /// The swap of the site's quadword.
     write: Write,
-    /// The site currently calls something other than the trampoline, so leaving it unwritten
-    /// would leave it on the old target.
+    /// The site's record before: its bytes do not go through the trampoline, so leaving it
+    /// unwritten would leave it on the old target.
     required: bool,
-    /// Why the new bytes are `call trampoline`, if they are.
-    reason: Option<Reason>,
-    /// The site's record before this write, for a rollback.
+    /// The site's record before this write, for `roll_back`.
     before: Info,
-}
-
-impl Planned {
-    /// Writing `insn` over the site at `site`, whose quadword (`at`) holds `word`.
-    fn new(index: u32, site: usize, at: SiteWord, word: u64, insn: Insn, before: Info) -> Planned {
-        Planned {
-            index,
-            site,
-            insn,
-            write: Write {
-                addr: at.addr,
-                old: word,
-                new: at.with(word, insn),
-                done: false,
-            },
-            required: false,
-            reason: None,
-            before,
-        }
-    }
 }
 
 /// `call trampoline` at `site`; always encodable, the trampoline lives in the same object.
@@ -218,6 +261,14 @@ fn verify(rt: &Runtime, site: usize, key: &RawKey) -> Result<(SiteWord, u64), Re
     Ok((at, word))
 }
 
+/// The five bytes at a LIVE site now, read from its quadword.
+fn bytes_at(site: usize) -> (SiteWord, u64) {
+    let at = SiteWord::of(site).expect("a verified site");
+    // SAFETY: LIVE sites were verified to lie in our executable segments, which stay mapped;
+    // `at.addr` is 8-aligned.
+    (at, unsafe { linux::read_word(at.addr) })
+}
+
 /// Iterates over a key's list of LIVE sites.
 fn list<'a>(rt: &'a Runtime, key: &RawKey, _: &Locked) -> impl Iterator<Item = (u32, &'a Slot)> {
     let mut next = key.head();
@@ -235,6 +286,13 @@ fn link(rt: &Runtime, key: &RawKey, index: u32, _: &Locked) {
     key.set_head(index + 1);
 }
 
+/// Every LIVE site of the registry.
+fn live_sites<'a>(rt: &'a Runtime, _: &Locked) -> impl Iterator<Item = (u32, &'a Slot)> {
+    rt.registry
+        .claimed()
+        .filter(|(_, slot)| Info::load(slot).status == LIVE)
+}
+
 /// Patches every queued site (and those waiting in RETRY). The worker's job; `flush` does it too.
 pub(crate) fn drain() {
     if let Some(rt) = runtime::wait_initialised() {
@@ -244,6 +302,10 @@ pub(crate) fn drain() {
 }
 
 fn drain_locked(rt: &Runtime, locked: &Locked) {
+    // A signal handler that makes a first call on this thread pushes onto the queue; if it ran
+    // half-way through one of our pops of the same slot, its push would spin for ever. The worker
+    // blocks every signal for good; `flush` and `unpatch_all` run this on the caller's thread.
+    let _blocked = linux::SignalsBlocked::new();
     if worker::take_retry(locked) {
         let retries: Vec<u32> = rt
             .registry
@@ -259,10 +321,17 @@ fn drain_locked(rt: &Runtime, locked: &Locked) {
             settle(rt, chunk, locked);
         }
     }
+    if worker::retry_due(locked) {
+        retry_failed_writes(rt, locked);
+    }
     loop {
-        let batch: Vec<u32> = core::iter::from_fn(|| worker::pop(locked))
-            .take(BATCH)
-            .collect();
+        let batch: Vec<u32> = core::iter::from_fn(|| {
+            let index = worker::pop(locked);
+            faults::hook(Point::AfterPop);
+            index
+        })
+        .take(BATCH)
+        .collect();
         if batch.is_empty() {
             return;
         }
@@ -289,20 +358,20 @@ fn settle(rt: &Runtime, batch: &[u32], locked: &Locked) {
             continue;
         }
         let slot = rt.registry.slot(index);
-        settle_one(rt, slot, index, &mut plan, &thunks, locked).store(slot);
+        settle_one(rt, slot, index, &mut plan, &thunks, locked);
         settled.push(slot);
     }
+    // Every site planned here is on the trampoline, correct whatever happens: a failure only
+    // decides whether patching goes on.
     if let Err(e) = write(rt, &mut plan) {
-        match e {
-            WriteError::Protect(errno) => runtime::disable(Disabled::WriteRefused { errno }),
-            WriteError::Sync(errno) => runtime::disable(Disabled::NoCoreSync { errno }),
-        }
+        note_failure(e);
     }
     for slot in settled {
         slot.state.store(SETTLED, Ordering::Release);
     }
 }
 
+/// Settles one queued site: the first rows of the table for a new site, then `plan_site`.
 fn settle_one(
     rt: &Runtime,
     slot: &Slot,
@@ -310,32 +379,73 @@ fn settle_one(
     plan: &mut Vec<Planned>,
     thunks: &Thunks,
     locked: &Locked,
-) -> Info {
-    if let Err(why) = runtime::mode() {
-        return Info::blocked(Reason::Disabled(why));
-    }
+) {
     let key = slot.key();
     let site = slot.site.load(Ordering::Relaxed);
-    let (at, word) = match verify(rt, site, key) {
-        Ok(found) => found,
-        Err(reason) => return Info::blocked(reason),
-    };
-    link(rt, key, index, locked);
-    let here = at.insn(word);
-    let (want, reason) = desired(rt, site, key.target(), thunks);
-    let info = Info::live(here, reason);
-    if want != here {
-        plan.push(Planned {
-            reason,
-            ..Planned::new(index, site, at, word, want, info)
-        });
+    if Info::load(slot).status != LIVE {
+        if let Err(why) = runtime::mode() {
+            return Info::blocked(Reason::Disabled(why)).store(slot);
+        }
+        let (at, word) = match verify(rt, site, key) {
+            Ok(found) => found,
+            Err(reason) => return Info::blocked(reason).store(slot),
+        };
+        link(rt, key, index, locked);
+        Info::live(at.insn(word), None).store(slot);
     }
-    info
+    let (want, reason) = desired(rt, site, key.target(), thunks);
+    // A site planned here is on the trampoline (new, or queued again), so never required: an
+    // error (foreign bytes on a required site) cannot happen, and would leave it as it is.
+    let _ = plan_site(rt, index, slot, want, reason, plan);
 }
 
-/// Has the code writer carry out `plan`, and records the outcome in each site's `Info`:
-/// written sites hold their new bytes; a site whose bytes changed under us is blocked; if the
-/// pages could not be opened, nothing was written and every planned site says why.
+/// Plans turning the LIVE site in `slot` into `want` (`reason`: why that is the trampoline, if
+/// it is), following the table's "planned" rows. Returns the site's address if it is required
+/// and holds foreign bytes: nothing is planned for it then.
+fn plan_site(
+    rt: &Runtime,
+    index: u32,
+    slot: &Slot,
+    want: Insn,
+    reason: Option<Reason>,
+    plan: &mut Vec<Planned>,
+) -> Result<(), usize> {
+    let info = Info::load(slot);
+    debug_assert_eq!(info.status, LIVE);
+    let site = slot.site.load(Ordering::Relaxed);
+    if want == info.insn {
+        Info::live(want, reason).store(slot);
+        return Ok(());
+    }
+    let required = info.insn != trampoline_insn(rt, site);
+    let (at, word) = bytes_at(site);
+    if at.insn(word) != info.insn {
+        return if required { Err(site) } else { Ok(()) };
+    }
+    if !required && let Err(why) = runtime::mode() {
+        info.with_reason(Reason::Disabled(why)).store(slot);
+        return Ok(());
+    }
+    plan.push(Planned {
+        index,
+        site,
+        want,
+        reason,
+        write: Write {
+            addr: at.addr,
+            insn_at: at.offset(),
+            old: word,
+            new: at.with(word, want),
+            done: false,
+        },
+        required,
+        before: info,
+    });
+    Ok(())
+}
+
+/// Has the code writer carry out `plan` and records the outcome in each site's record
+/// (`record`).
 fn write(rt: &Runtime, plan: &mut [Planned]) -> Result<(), WriteError> {
     if plan.is_empty() {
         return Ok(());
@@ -350,26 +460,80 @@ fn write(rt: &Runtime, plan: &mut [Planned]) -> Result<(), WriteError> {
             .binary_search_by_key(&p.write.addr, |w| w.addr)
             .expect("planned write");
         p.write.done = writes[i].done;
-        let slot = rt.registry.slot(p.index);
-        let info = match result {
-            Err(WriteError::Protect(errno)) => {
-                let refused = Reason::Disabled(Disabled::WriteRefused { errno });
-                Info {
-                    reason: refused.to_code(),
-                    ..Info::load(slot)
-                }
-            }
-            _ if p.write.done => Info::live(p.insn, p.reason),
-            _ => Info::blocked(Reason::ForeignBytes),
-        };
-        info.store(slot);
+        record(rt, p, result);
     }
     result
 }
 
+/// The table's "written", "page refused" and "compare-exchange lost" rows for one planned site.
+fn record(rt: &Runtime, p: &Planned, result: Result<(), WriteError>) {
+    let slot = rt.registry.slot(p.index);
+    match result {
+        // Nothing was written. Only a site on the trampoline says why: it is where it stays.
+        Err(WriteError::Protect(errno)) if !p.required => {
+            p.before.with_reason(refused(errno)).store(slot);
+            if transient(errno) {
+                worker::schedule_retry();
+            }
+        }
+        Err(WriteError::Protect(_)) => {}
+        _ if p.write.done => Info::live(p.want, p.reason).store(slot),
+        // Lost: someone else's bytes are there now; the record keeps ours, under them.
+        _ => {}
+    }
+}
+
+/// Whether an `mprotect` errno may pass (and the write be tried again later).
+fn transient(errno: i32) -> bool {
+    errno == libc::ENOMEM || errno == libc::EAGAIN
+}
+
+/// Why a site on the trampoline stays there after `mprotect` failed with `errno`.
+fn refused(errno: i32) -> Reason {
+    if transient(errno) {
+        Reason::WriteFailed { errno }
+    } else {
+        Reason::Disabled(Disabled::WriteRefused { errno })
+    }
+}
+
+/// What a failed write means for the whole process: patching goes off for good, unless the
+/// failure may pass.
+fn note_failure(e: WriteError) {
+    match e {
+        WriteError::Protect(errno) if transient(errno) => {}
+        WriteError::Protect(errno) => runtime::disable(Disabled::WriteRefused { errno }),
+        WriteError::Sync(errno) => runtime::disable(Disabled::NoCoreSync { errno }),
+    }
+}
+
+/// Tries again the sites whose write failed with an error that may pass (the table's
+/// `WriteFailed` row): the worker's job, once the back-off has passed.
+fn retry_failed_writes(rt: &Runtime, locked: &Locked) {
+    if runtime::mode().is_err() {
+        return;
+    }
+    let waiting: Vec<(u32, &Slot)> = live_sites(rt, locked)
+        .filter(|(_, s)| matches!(Info::load(s).reason(), Some(Reason::WriteFailed { .. })))
+        .collect();
+    let mut thunks = thunks::lock(locked);
+    thunks.make_for(rt, called(waiting.iter().map(|(_, s)| s.key().target())));
+    let mut plan = Vec::new();
+    for &(index, slot) in &waiting {
+        let site = slot.site.load(Ordering::Relaxed);
+        let (want, reason) = desired(rt, site, slot.key().target(), &thunks);
+        let _ = plan_site(rt, index, slot, want, reason, &mut plan);
+    }
+    match write(rt, &mut plan) {
+        Ok(()) => worker::retry_succeeded(),
+        Err(e) => note_failure(e),
+    }
+}
+
 /// Points each key at its target and rewrites all their sites as one batch (one pass over the
-/// pages, one core sync); see `StaticCall::try_update` and `Batch`. All or nothing: on failure no
-/// key and no site changes. Each key appears at most once in `changes`.
+/// pages, one core sync); see `StaticCall::try_update` and `Batch`. All or nothing: on failure
+/// no key and no site changes, except as `ErrorKind::NotSynced` and `UndoFailed` say. Each key
+/// appears at most once in `changes`.
 pub(crate) fn update(changes: &[(&RawKey, RawTarget)]) -> Result<(), Error> {
     let locked = lock();
     let Some(rt) = runtime::get() else {
@@ -379,218 +543,261 @@ pub(crate) fn update(changes: &[(&RawKey, RawTarget)]) -> Result<(), Error> {
         }
         return Ok(());
     };
+    if worker::status() != WorkerStatus::Running {
+        // Nobody else will patch what is queued: do the worker's job first.
+        drain_locked(rt, &locked);
+    }
     let mut thunks = thunks::lock(&locked);
     if runtime::mode().is_ok() {
         thunks.make_for(rt, called(changes.iter().map(|&(_, target)| target)));
     }
     let mut plan = Vec::new();
     for &(key, target) in changes {
-        plan_retarget(rt, key, target, &mut plan, &thunks, &locked)?;
+        for (index, slot) in list(rt, key, &locked) {
+            let site = slot.site.load(Ordering::Relaxed);
+            let (want, reason) = desired(rt, site, target, &thunks);
+            plan_site(rt, index, slot, want, reason, &mut plan).map_err(|site| Error {
+                site: Some(site),
+                kind: ErrorKind::ForeignBytes,
+            })?;
+        }
     }
-
+    if plan.iter().any(|p| p.required)
+        && let Err(errno) = linux::sync_cores()
+    {
+        // Found before anything was published: nothing changed.
+        runtime::disable(Disabled::NoCoreSync { errno });
+        return Err(Error {
+            site: None,
+            kind: ErrorKind::CoreSyncFailed { errno },
+        });
+    }
     let old: Vec<RawTarget> = changes.iter().map(|(key, _)| key.target()).collect();
-    let restore_targets = || {
-        for (&(key, _), &target) in changes.iter().zip(&old) {
-            key.set_target(target);
+    let set_targets = |new: bool| {
+        for (&(key, target), &before) in changes.iter().zip(&old) {
+            key.set_target(if new { target } else { before });
         }
     };
-    for &(key, target) in changes {
-        key.set_target(target);
-    }
-    commit(rt, &mut plan, restore_targets)
+    set_targets(true);
+    commit(rt, &mut plan, set_targets)
 }
 
-/// Writes `plan` and turns the outcome into the result of an all-or-nothing operation: if a
-/// site that must change could not be written (its page refused, or its bytes changed during
-/// the write), everything written is undone, `undo` restores whatever else the operation
-/// changed, and the error names the site. Sites on the trampoline that could not be upgraded
-/// are fine where they are.
-fn commit(rt: &Runtime, plan: &mut [Planned], undo: impl FnOnce()) -> Result<(), Error> {
+/// Writes the plan of an all-or-nothing operation whose new targets are published, and turns
+/// the outcome into its result; `set_targets(false)` restores the old targets,
+/// `set_targets(true)` publishes the new ones again.
+fn commit(rt: &Runtime, plan: &mut [Planned], set_targets: impl Fn(bool)) -> Result<(), Error> {
     let result = write(rt, plan);
-    let first_required = plan.iter().find(|p| p.required).map(|p| p.site);
-    match result {
-        Err(WriteError::Protect(errno)) => {
-            runtime::disable(Disabled::WriteRefused { errno });
-            match first_required {
-                // Nothing was written; the sites that call the old targets directly still do.
-                Some(site) => {
-                    undo();
-                    Err(Error {
-                        site: Some(site),
-                        kind: ErrorKind::WriteRefused { errno },
-                    })
-                }
-                // Only sites on the trampoline were to change; they are correct as they are.
-                None => Ok(()),
-            }
+    if let Err(e) = result {
+        note_failure(e);
+    }
+    let lost = plan.iter().find(|p| p.required && !p.write.done);
+    match (result, lost) {
+        (Ok(()), None) => Ok(()),
+        // Only sites on the trampoline were not upgraded: they are correct where they are. Or
+        // the writes were made and only the sync failed, which cannot harm a site whose
+        // previous instruction was the trampoline.
+        (Err(WriteError::Protect(_)), None) | (Err(WriteError::Sync(_)), None)
+            if !plan.iter().any(|p| p.required) =>
+        {
+            Ok(())
         }
-        Err(WriteError::Sync(errno)) => {
-            runtime::disable(Disabled::NoCoreSync { errno });
+        (Err(WriteError::Protect(errno)), _) => {
+            // Nothing was written; the required sites still call the old targets directly.
+            set_targets(false);
             Err(Error {
-                site: None,
-                kind: ErrorKind::CoreSyncFailed { errno },
+                site: plan.iter().find(|p| p.required).map(|p| p.site),
+                kind: ErrorKind::WriteRefused { errno },
             })
         }
-        Ok(()) => match plan.iter().find(|p| p.required && !p.write.done) {
-            None => Ok(()),
-            Some(failed) => {
-                let site = failed.site;
-                undo();
-                roll_back(rt, plan);
-                Err(Error {
-                    site: Some(site),
-                    kind: ErrorKind::ForeignBytes,
-                })
+        (Err(WriteError::Sync(errno)), None) => Err(Error {
+            site: None,
+            kind: ErrorKind::NotSynced { errno },
+        }),
+        (result, Some(lost)) => {
+            let site = lost.site;
+            set_targets(false);
+            match roll_back(rt, plan) {
+                Ok(()) => match result {
+                    Err(WriteError::Sync(errno)) => Err(Error {
+                        site: None,
+                        kind: ErrorKind::NotSynced { errno },
+                    }),
+                    _ => Err(Error {
+                        site: Some(site),
+                        kind: ErrorKind::ForeignBytes,
+                    }),
+                },
+                Err(Undo::Sync(errno)) => Err(Error {
+                    site: None,
+                    kind: ErrorKind::NotSynced { errno },
+                }),
+                Err(Undo::Refused) => {
+                    // Nothing could be undone: every written site calls the new targets, which
+                    // the keys hold again; only `site` is left under foreign bytes.
+                    set_targets(true);
+                    Err(Error {
+                        site: Some(site),
+                        kind: ErrorKind::UndoFailed,
+                    })
+                }
+                Err(Undo::Lost(stuck)) => Err(Error {
+                    site: Some(stuck),
+                    kind: ErrorKind::UndoFailed,
+                }),
+            }
+        }
+    }
+}
+
+/// Why undoing the writes of a failed operation failed.
+enum Undo {
+    /// The pages could not be opened: nothing was undone.
+    Refused,
+    /// Someone else's bytes landed on this site before its undo: it keeps the new instruction,
+    /// under them.
+    Lost(usize),
+    /// Everything was undone, but the cores could not be serialised (errno).
+    Sync(i32),
+}
+
+/// Undoes the writes of a failed operation (the table's "undone" and "undo lost" rows): each
+/// undone site gets its previous record back; a site whose undo failed keeps the record of
+/// what is really under its foreign bytes.
+fn roll_back(rt: &Runtime, plan: &[Planned]) -> Result<(), Undo> {
+    let mut undo: Vec<Planned> = plan
+        .iter()
+        .filter(|p| p.write.done)
+        .map(|p| Planned {
+            want: p.before.insn,
+            reason: p.before.reason(),
+            write: Write {
+                old: p.write.new,
+                new: p.write.old,
+                done: false,
+                ..p.write
+            },
+            required: true,
+            ..*p
+        })
+        .collect();
+    let result = write(rt, &mut undo);
+    if let Err(e) = result {
+        note_failure(e);
+    }
+    match result {
+        Err(WriteError::Protect(_)) => Err(Undo::Refused),
+        _ if undo.iter().any(|u| !u.write.done) => Err(Undo::Lost(
+            undo.iter()
+                .find(|u| !u.write.done)
+                .expect("a lost undo")
+                .site,
+        )),
+        Err(WriteError::Sync(errno)) => Err(Undo::Sync(errno)),
+        Ok(()) => Ok(()),
+    }
+}
+
+/// Returns every patched site to `call trampoline` and keeps patching off from then on; see
+/// [`crate::unpatch_all`]. Site by site: a site back on the trampoline is correct whatever
+/// happens to the others.
+pub(crate) fn unpatch_all() -> Result<(), Error> {
+    let locked = lock();
+    let Some(rt) = runtime::get() else {
+        runtime::disable(Disabled::Unpatched);
+        return Ok(());
+    };
+    // Queued sites are settled first (patched, if patching is on): then every registered site
+    // is either LIVE, and rewritten below, or BLOCKED, and never was written.
+    drain_locked(rt, &locked);
+    let why = Reason::Disabled(runtime::mode().err().unwrap_or(Disabled::Unpatched));
+    let mut plan = Vec::new();
+    let mut foreign = None;
+    for (index, slot) in live_sites(rt, &locked) {
+        let site = slot.site.load(Ordering::Relaxed);
+        let home = trampoline_insn(rt, site);
+        if let Err(site) = plan_site(rt, index, slot, home, Some(why), &mut plan) {
+            foreign.get_or_insert(site);
+        }
+    }
+    let result = write(rt, &mut plan);
+    if let Err(e) = result {
+        note_failure(e);
+    }
+    let lost = plan.iter().find(|p| !p.write.done).map(|p| p.site);
+    match result {
+        Err(WriteError::Protect(errno)) => Err(Error {
+            site: plan.first().map(|p| p.site),
+            kind: ErrorKind::WriteRefused { errno },
+        }),
+        Err(WriteError::Sync(errno)) => Err(Error {
+            site: None,
+            kind: ErrorKind::NotSynced { errno },
+        }),
+        Ok(()) => match foreign.or(lost) {
+            Some(site) => Err(Error {
+                site: Some(site),
+                kind: ErrorKind::ForeignBytes,
+            }),
+            None => {
+                runtime::disable(Disabled::Unpatched);
+                Ok(())
             }
         },
     }
 }
 
-/// Plans the rewrite of `key`'s live sites for `target`. Fails, before anything changed, if a
-/// site that calls the old target directly no longer holds the bytes we wrote.
-fn plan_retarget(
-    rt: &Runtime,
-    key: &RawKey,
-    target: RawTarget,
-    plan: &mut Vec<Planned>,
-    thunks: &Thunks,
-    locked: &Locked,
-) -> Result<(), Error> {
-    for (index, slot) in list(rt, key, locked) {
-        let site = slot.site.load(Ordering::Relaxed);
-        let (want, reason) = desired(rt, site, target, thunks);
-        plan_site(rt, index, slot, want, reason, plan)?;
-    }
-    Ok(())
-}
-
-/// Plans turning the LIVE site in `slot` into `want` (`reason`: why that is the trampoline, if
-/// it is). A site already holding `want` only gets its record refreshed; a site on the
-/// trampoline stays there while writes are refused; a site whose bytes someone else changed is
-/// left alone if it is on the trampoline, and fails the operation if it calls a target directly.
-fn plan_site(
-    rt: &Runtime,
-    index: u32,
-    slot: &Slot,
-    want: Insn,
-    reason: Option<Reason>,
-    plan: &mut Vec<Planned>,
-) -> Result<(), Error> {
-    let info = Info::load(slot);
-    if info.status != LIVE {
-        return Ok(());
-    }
-    let site = slot.site.load(Ordering::Relaxed);
-    if want == info.insn {
-        Info::live(want, reason).store(slot);
-        return Ok(());
-    }
-    let on_trampoline = info.insn == trampoline_insn(rt, site);
-    if on_trampoline && runtime::mode().is_err() {
-        // Writes are refused (or patching is off): the site is correct where it is.
-        return Ok(());
-    }
-    let at = SiteWord::of(site).expect("a verified site");
-    // SAFETY: LIVE sites were verified to lie in our executable segments; `at.addr` is aligned.
-    let word = unsafe { linux::read_word(at.addr) };
-    if at.insn(word) != info.insn {
-        if on_trampoline {
-            Info::blocked(Reason::ForeignBytes).store(slot);
-            return Ok(());
-        }
-        return Err(Error {
-            site: Some(site),
-            kind: ErrorKind::ForeignBytes,
-        });
-    }
-    plan.push(Planned {
-        required: !on_trampoline,
-        reason,
-        ..Planned::new(index, site, at, word, want, info)
-    });
-    Ok(())
-}
-
-/// Undoes the writes of a failed update, giving each site back its previous record.
-fn roll_back(rt: &Runtime, plan: &mut [Planned]) {
-    let mut undo: Vec<Planned> = plan
-        .iter()
-        .filter(|p| p.write.done)
-        .map(|p| Planned {
-            write: Write {
-                addr: p.write.addr,
-                old: p.write.new,
-                new: p.write.old,
-                done: false,
-            },
-            ..*p
-        })
-        .collect();
-    let _ = write(rt, &mut undo);
-    for p in &undo {
-        p.before.store(rt.registry.slot(p.index));
-    }
-}
-
-/// Returns every patched site to `call trampoline` and keeps patching off from then on; see
-/// [`crate::unpatch_all`].
-pub(crate) fn unpatch_all() -> Result<(), Error> {
-    let locked = lock();
-    runtime::disable(Disabled::Unpatched);
-    let Some(rt) = runtime::get() else {
-        return Ok(());
-    };
-    // Queued sites settle as "patching off" now, without being written.
-    drain_locked(rt, &locked);
-    let why = Reason::Disabled(runtime::mode().err().unwrap_or(Disabled::Unpatched));
-    let mut plan = Vec::new();
-    for (index, slot) in rt.registry.claimed() {
-        if slot.state.load(Ordering::Acquire) == SETTLED {
-            let site = slot.site.load(Ordering::Relaxed);
-            plan_site(
-                rt,
-                index,
-                slot,
-                trampoline_insn(rt, site),
-                Some(why),
-                &mut plan,
-            )?;
-        }
-    }
-    commit(rt, &mut plan, || {})
-}
-
 /// Every site registered with `key`, for `StaticCall::sites`.
 pub(crate) fn sites(key: &RawKey) -> Vec<SiteInfo> {
-    let _locked = lock();
+    let locked = lock();
     let Some(rt) = runtime::get() else {
         return Vec::new();
     };
+    let thunks = thunks::lock(&locked);
     let me = key as *const RawKey as *mut RawKey;
     rt.registry
         .claimed()
         .filter(|(_, s)| s.key.load(Ordering::Relaxed) == me)
-        .map(|(_, s)| {
-            let address = s.site.load(Ordering::Relaxed);
-            SiteInfo {
-                address,
-                state: site_state(rt, s, address),
-            }
-        })
+        .map(|(_, s)| site_info(rt, s, key, &thunks))
         .collect()
 }
 
-fn site_state(rt: &Runtime, slot: &Slot, site: usize) -> SiteState {
-    if slot.state.load(Ordering::Acquire) != SETTLED {
-        return SiteState::Pending;
-    }
+/// A site as `sites()` reports it, from its record, its key and the bytes there now.
+fn site_info(rt: &Runtime, slot: &Slot, key: &RawKey, thunks: &Thunks) -> SiteInfo {
+    let address = slot.site.load(Ordering::Relaxed);
+    let bytes = read_site(rt, address);
     let info = Info::load(slot);
-    let reason = Reason::from_code(info.reason);
-    match info.status {
-        LIVE if info.insn != trampoline_insn(rt, site) => SiteState::Patched,
-        LIVE | BLOCKED => SiteState::Trampoline(reason.unwrap_or(Reason::NotASite)),
-        _ => SiteState::Pending,
+    let state = if slot.state.load(Ordering::Acquire) != SETTLED {
+        SiteState::Pending
+    } else {
+        let trampoline = trampoline_insn(rt, address);
+        match info.status {
+            LIVE if bytes != Some(info.insn) => SiteState::Foreign,
+            LIVE if info.insn == trampoline => {
+                SiteState::Trampoline(info.reason().unwrap_or(Reason::NotASite))
+            }
+            LIVE if info.insn == desired(rt, address, key.target(), thunks).0 => SiteState::Patched,
+            LIVE => SiteState::Stale,
+            BLOCKED => SiteState::Trampoline(info.reason().unwrap_or(Reason::NotASite)),
+            _ => SiteState::Pending,
+        }
+    };
+    SiteInfo {
+        address,
+        state,
+        bytes,
     }
+}
+
+/// The five bytes at `site`, if they lie inside our own code (a registered address may be any
+/// return address, which must not be read blindly).
+fn read_site(rt: &Runtime, site: usize) -> Option<Insn> {
+    let object = rt.object.as_ref()?;
+    let end = site.checked_add(arch::INSN_LEN)?;
+    object.exec_segment(site, end)?;
+    let mut insn = [0; arch::INSN_LEN];
+    // SAFETY: inside one of our executable segments, which stay mapped.
+    unsafe { linux::read_code(site, &mut insn) };
+    Some(insn)
 }
 
 /// See [`crate::flush`].

@@ -5,14 +5,17 @@
 //! the fork handlers and the worker thread. It runs once, at the first registration of a site
 //! or at an explicit [`init`](crate::init). After it, the trampoline's slow path takes no lock
 //! and allocates nothing. Threads whose first call comes while another thread initialises wait
-//! for it (bounded), so that no site's first call goes unregistered. A program whose first static call may run inside a signal handler
-//! must call `init()` first.
+//! for it (bounded), so that no site's first call goes unregistered; a signal handler that
+//! interrupts initialisation on the initialising thread does not wait (it would wait for itself):
+//! its call goes through the trampoline unregistered. A program whose first static call may run
+//! inside a signal handler must call `init()` first.
 
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use once_cell::race::OnceBox;
 
 use crate::diagnostics::Disabled;
+use crate::os::faults::{self, Point};
 use crate::os::linux::{self, Object};
 use crate::registry::{DEFAULT_CAPACITY, Registry};
 use crate::{trampoline, worker};
@@ -37,15 +40,15 @@ pub(crate) struct Runtime {
 
 static RUNTIME: OnceBox<Runtime> = OnceBox::new();
 
-const UNINIT: u8 = 0;
-const BUSY: u8 = 1;
-const DONE: u8 = 2;
-/// Guards initialisation so that it runs once without a lock: the thread that moves it from
-/// UNINIT to BUSY initialises; the others carry on without registering (their sites register on
-/// a later call).
-static INIT: AtomicU8 = AtomicU8::new(UNINIT);
-/// The thread id of the initialising thread, to recognise re-entry.
-static INITIALISER: AtomicI32 = AtomicI32::new(0);
+const UNINIT: u64 = 0;
+const DONE: u64 = u64::MAX;
+/// Guards initialisation so that it runs once without a lock: `UNINIT`, then the thread id of
+/// the thread initialising, then `DONE`. The thread that moves it from `UNINIT` to its own id
+/// initialises; the others wait for it. One word for both facts, so that the initialising thread
+/// recognises its own re-entry (a signal handler that makes a static call) from the very first
+/// instruction after it won: a separate "who" word stored afterwards would leave a window in which
+/// the handler took itself for another thread and waited for itself for ever.
+static INIT: AtomicU64 = AtomicU64::new(UNINIT);
 
 /// 0 while patching is on; otherwise a `Disabled` code. Relaxed: it only ever moves from "on" to
 /// a reason, and a reader that sees it late merely queues a site that the patcher then settles
@@ -71,23 +74,21 @@ pub(crate) fn get_or_init() -> Option<&'static Runtime> {
     if let Some(rt) = RUNTIME.get() {
         return Some(rt);
     }
-    let me = current_tid();
-    if INIT
-        .compare_exchange(UNINIT, BUSY, Ordering::Acquire, Ordering::Acquire)
-        .is_ok()
-    {
-        INITIALISER.store(me, Ordering::Relaxed);
-        let rt = build();
-        worker::init(rt.registry.capacity());
-        // `set` publishes with Release: whoever gets the runtime sees it complete.
-        let _ = RUNTIME.set(Box::new(rt));
-        INIT.store(DONE, Ordering::Release);
-        return RUNTIME.get();
+    let me = current_tid() as u64;
+    match INIT.compare_exchange(UNINIT, me, Ordering::Acquire, Ordering::Acquire) {
+        Ok(_) => {
+            faults::hook(Point::InitWindow);
+            let rt = build();
+            worker::init(rt.registry.capacity());
+            // `set` publishes with Release: whoever gets the runtime sees it complete.
+            let _ = RUNTIME.set(Box::new(rt));
+            INIT.store(DONE, Ordering::Release);
+            RUNTIME.get()
+        }
+        // Re-entered on the initialising thread: this call goes unregistered.
+        Err(owner) if owner == me => RUNTIME.get(),
+        Err(_) => wait_initialised(),
     }
-    if INITIALISER.load(Ordering::Relaxed) == me {
-        return RUNTIME.get();
-    }
-    wait_initialised()
 }
 
 /// Waits for initialisation by another thread to finish; `None` if nobody has started it.
@@ -104,9 +105,9 @@ pub(crate) fn wait_initialised() -> Option<&'static Runtime> {
     }
 }
 
-fn current_tid() -> i32 {
-    // SAFETY: gettid has no preconditions.
-    unsafe { libc::gettid() }
+fn current_tid() -> u32 {
+    // SAFETY: gettid has no preconditions; thread ids are positive.
+    unsafe { libc::gettid() as u32 }
 }
 
 /// Whether patching is on.

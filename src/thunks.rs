@@ -178,6 +178,7 @@ impl Thunks {
                 let code = arch::thunk(target);
                 (0..THUNK_LEN / WORD).map(move |i| Write {
                     addr: at + i * WORD,
+                    insn_at: 0,
                     old: EMPTY,
                     new: u64::from_ne_bytes(code[i * WORD..][..WORD].try_into().expect("8 bytes")),
                     done: false,

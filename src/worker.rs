@@ -15,13 +15,13 @@
 //! pop would spin forever.
 
 use core::sync::atomic::{
-    AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicUsize, Ordering, fence,
+    AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
 };
 
 use crossbeam_queue::ArrayQueue;
 
 use crate::diagnostics::WorkerStatus;
-use crate::os::linux::{futex_wait, futex_wake};
+use crate::os::linux::{futex_wait, futex_wait_for, futex_wake, monotonic_millis};
 use crate::registry::{CLAIMING, QUEUED, RETRY};
 use crate::{patcher, runtime};
 
@@ -49,6 +49,16 @@ static SLEEPING: AtomicU32 = AtomicU32::new(0);
 
 /// Set when a push found the queue full: some slot is in RETRY.
 static RETRY_PENDING: AtomicBool = AtomicBool::new(false);
+
+/// When (`monotonic_millis`) to try again the sites whose write failed with an error that may
+/// pass (`Reason::WriteFailed`); 0 when none waits. The wait doubles at every failure in a row,
+/// from `FIRST_BACKOFF_MS` to `MAX_BACKOFF_MS`, so a lasting failure costs a few system calls
+/// now and then, never a storm. Relaxed: read and written under the patch lock, except by the
+/// sleeping worker, which only uses it to choose how long to sleep.
+static RETRY_AT: AtomicU64 = AtomicU64::new(0);
+static BACKOFF_MS: AtomicU64 = AtomicU64::new(0);
+const FIRST_BACKOFF_MS: u64 = 10;
+const MAX_BACKOFF_MS: u64 = 10_000;
 
 fn queue() -> Option<&'static ArrayQueue<u32>> {
     // SAFETY: a non-null QUEUE points to a leaked ArrayQueue that is never freed.
@@ -102,6 +112,36 @@ pub(crate) fn take_retry(_lock: &patcher::Locked) -> bool {
     RETRY_PENDING.swap(false, Ordering::Relaxed)
 }
 
+/// Asks for the sites whose write failed with an error that may pass to be tried again after a
+/// back-off (once per failed pass: later calls before the retry change nothing).
+pub(crate) fn schedule_retry() {
+    if RETRY_AT.load(Ordering::Relaxed) != 0 {
+        return;
+    }
+    let backoff = (BACKOFF_MS.load(Ordering::Relaxed) * 2).clamp(FIRST_BACKOFF_MS, MAX_BACKOFF_MS);
+    BACKOFF_MS.store(backoff, Ordering::Relaxed);
+    RETRY_AT.store(monotonic_millis() + backoff, Ordering::Relaxed);
+    // The worker may be asleep with no deadline: wake it so that it sleeps with this one.
+    if SLEEPING.swap(0, Ordering::Relaxed) == 1 {
+        futex_wake(&SLEEPING, 1);
+    }
+}
+
+/// Whether the back-off of failed writes has passed; clears it.
+pub(crate) fn retry_due(_lock: &patcher::Locked) -> bool {
+    let at = RETRY_AT.load(Ordering::Relaxed);
+    let due = at != 0 && monotonic_millis() >= at;
+    if due {
+        RETRY_AT.store(0, Ordering::Relaxed);
+    }
+    due
+}
+
+/// The retried writes went through: the next failure starts from the first back-off again.
+pub(crate) fn retry_succeeded() {
+    BACKOFF_MS.store(0, Ordering::Relaxed);
+}
+
 /// After a push: wake the worker if it sleeps, start it if there is none. Async-signal-safe
 /// except for the very first start of the worker (see `runtime.rs`).
 pub(crate) fn notify() {
@@ -153,17 +193,9 @@ pub(crate) fn status() -> WorkerStatus {
     }
 }
 
-fn block_all_signals() {
-    // SAFETY: plain libc calls on a local, fully initialised signal set.
-    unsafe {
-        let mut all: libc::sigset_t = core::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, core::ptr::null_mut());
-    }
-}
-
 fn run() {
-    block_all_signals();
+    // For good: the guard is never dropped.
+    core::mem::forget(crate::os::linux::SignalsBlocked::new());
     loop {
         patcher::drain();
         sleep_until_work();
@@ -178,7 +210,17 @@ fn sleep_until_work() {
         return;
     }
     while SLEEPING.load(Ordering::Relaxed) == 1 {
-        futex_wait(&SLEEPING, 1);
+        match RETRY_AT.load(Ordering::Relaxed) {
+            0 => futex_wait(&SLEEPING, 1),
+            at => {
+                let now = monotonic_millis();
+                if now >= at {
+                    SLEEPING.store(0, Ordering::Relaxed);
+                    return;
+                }
+                futex_wait_for(&SLEEPING, 1, at - now);
+            }
+        }
     }
 }
 

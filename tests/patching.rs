@@ -62,7 +62,8 @@ fn first_call_goes_through_trampoline_then_site_is_patched() {
             FIRST.sites(),
             [static_call::SiteInfo {
                 address: site,
-                state: SiteState::Patched
+                state: SiteState::Patched,
+                bytes: Some(common::read(site, 5).try_into().unwrap()),
             }]
         );
     }

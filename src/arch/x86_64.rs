@@ -111,6 +111,11 @@ impl SiteWord {
         })
     }
 
+    /// Where in the quadword the five bytes start (0..=3).
+    pub fn offset(self) -> usize {
+        self.offset
+    }
+
     /// The site's five bytes in the quadword's value `word` (little-endian).
     pub fn insn(self, word: u64) -> Insn {
         let b = word.to_le_bytes();

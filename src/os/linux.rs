@@ -5,8 +5,9 @@
 //! 1. A site is written with one locked 8-byte compare-exchange on the aligned quadword holding
 //!    its whole instruction, only if that quadword still holds what was verified; the old and the
 //!    new instruction are each correct to execute at every moment.
-//! 2. A page goes from its original protection to that plus write and back; execute is never
-//!    dropped (a thread running there would fault) and no writable-executable page is left.
+//! 2. A page goes from the protection it has now (read under the code lock) to that plus write,
+//!    and back to exactly what it was; execute is never dropped (a thread running there would
+//!    fault), and no page the library made writable is left writable.
 //! 3. After every batch of writes, before anyone relies on them, every core running this process
 //!    is serialised with `membarrier(PRIVATE_EXPEDITED_SYNC_CORE)` (Intel SDM vol. 3 §8.1.3).
 
@@ -15,6 +16,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::diagnostics::Stats;
+use crate::os::faults::{self, Step};
 
 // <linux/membarrier.h>
 const MEMBARRIER_CMD_QUERY: c_int = 0;
@@ -43,9 +45,13 @@ pub(crate) fn register_core_sync() -> Result<(), i32> {
 }
 
 /// Serialises every core that runs a thread of this process: after it returns, no thread can
-/// execute an instruction fetched before our last write.
-fn sync_cores() -> Result<(), i32> {
+/// execute an instruction fetched before our last write. `update` also runs it once before it
+/// publishes anything, to find out that it would fail while nothing has changed yet.
+pub(crate) fn sync_cores() -> Result<(), i32> {
     STATS.core_syncs.fetch_add(1, Ordering::Relaxed);
+    if let Some(errno) = faults::fails(Step::Sync) {
+        return Err(errno);
+    }
     membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE).map(drop)
 }
 
@@ -60,6 +66,61 @@ pub(crate) fn futex_wait(word: &AtomicU32, expected: u32) {
             expected,
             core::ptr::null::<libc::timespec>(),
         );
+    }
+}
+
+/// Sleeps while `word` holds `expected`, for at most `millis` milliseconds.
+pub(crate) fn futex_wait_for(word: &AtomicU32, expected: u32, millis: u64) {
+    let timeout = libc::timespec {
+        tv_sec: (millis / 1000) as libc::time_t,
+        tv_nsec: ((millis % 1000) * 1_000_000) as libc::c_long,
+    };
+    // SAFETY: `word` is a valid, aligned u32 and `timeout` a valid relative timespec for the
+    // duration of the call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            expected,
+            &timeout as *const libc::timespec,
+        );
+    }
+}
+
+/// Milliseconds of `CLOCK_MONOTONIC`.
+pub(crate) fn monotonic_millis() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec as u64 * 1000 + t.tv_nsec as u64 / 1_000_000
+}
+
+/// Every signal blocked on the calling thread until dropped, when the previous mask comes back.
+pub(crate) struct SignalsBlocked(libc::sigset_t);
+
+impl SignalsBlocked {
+    pub(crate) fn new() -> SignalsBlocked {
+        // SAFETY: plain libc calls on local signal sets; `all` is initialised by sigfillset and
+        // `old` written by pthread_sigmask before it is read.
+        unsafe {
+            let mut all: libc::sigset_t = core::mem::zeroed();
+            let mut old: libc::sigset_t = core::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+            SignalsBlocked(old)
+        }
+    }
+}
+
+impl Drop for SignalsBlocked {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved by `new` on this same thread (the guard is not Send:
+        // `sigset_t` is plain data, but it is only created and dropped within one function).
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, core::ptr::null_mut()) };
     }
 }
 
@@ -100,7 +161,8 @@ pub(crate) fn running_on_valgrind() -> bool {
     let mut result: u64 = 0;
     // SAFETY: on hardware the block only rotates rdi back to its value (declared clobbered
     // anyway) and exchanges rbx with itself; under valgrind it reads `request` through rax and
-    // writes rdx. No stack use.
+    // writes rdx. No stack use. The rotations write CF and OF, so the block does not claim
+    // `preserves_flags`.
     unsafe {
         core::arch::asm!(
             "rol rdi, 3",
@@ -111,7 +173,7 @@ pub(crate) fn running_on_valgrind() -> bool {
             in("rax") request.as_ptr(),
             inout("rdx") result,
             inout("rdi") 0u64 => _,
-            options(nostack, preserves_flags),
+            options(nostack),
         );
     }
     result != 0
@@ -316,6 +378,8 @@ pub(crate) unsafe fn read_word(addr: usize) -> u64 {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Write {
     pub addr: usize,
+    /// Where in the quadword the instruction being rewritten starts (0 for thunk code).
+    pub insn_at: usize,
     pub old: u64,
     pub new: u64,
     /// Set by `write_batch`: the quadword held `old` and now holds `new`.
@@ -359,6 +423,9 @@ pub(crate) fn map_code_near(
     page: usize,
     reaches: impl Fn(usize, usize) -> bool,
 ) -> Result<Segment, i32> {
+    if let Some(errno) = faults::fails(Step::MapCode) {
+        return Err(errno);
+    }
     let below = lo & !(page - 1);
     let above = hi.next_multiple_of(page);
     let near = (0..NEAR_TRIES).map(|k| below.checked_sub(len + k * NEAR_STEP));
@@ -428,7 +495,12 @@ pub(crate) struct Counters {
     pub rwx_nanos: AtomicU64,
     pub max_rwx_nanos: AtomicU64,
     pub thunk_pages: AtomicU64,
+    /// Windows by duration: entry `i` counts those of `2^i ..= 2^(i+1) - 1` nanoseconds.
+    pub rwx_windows: [AtomicU64; RWX_BUCKETS],
 }
+
+/// Buckets of the window-duration histogram: the last one takes everything from 2^31 ns (2 s).
+pub(crate) const RWX_BUCKETS: usize = 32;
 
 pub(crate) static STATS: Counters = Counters {
     batches: AtomicU64::new(0),
@@ -438,6 +510,7 @@ pub(crate) static STATS: Counters = Counters {
     rwx_nanos: AtomicU64::new(0),
     max_rwx_nanos: AtomicU64::new(0),
     thunk_pages: AtomicU64::new(0),
+    rwx_windows: [const { AtomicU64::new(0) }; RWX_BUCKETS],
 };
 
 pub(crate) fn stats() -> Stats {
@@ -450,6 +523,7 @@ pub(crate) fn stats() -> Stats {
         rwx_nanos: r(&STATS.rwx_nanos),
         max_rwx_nanos: r(&STATS.max_rwx_nanos),
         thunk_pages: r(&STATS.thunk_pages),
+        rwx_windows: core::array::from_fn(|i| r(&STATS.rwx_windows[i])),
     }
 }
 
@@ -522,12 +596,15 @@ mod code_lock {
 struct Window {
     start: usize,
     len: usize,
+    /// The protection the pages have now (before opening), and get back.
     prot: c_int,
 }
 
-/// The page windows covering `writes` (sorted by address), each inside one segment: contiguous
-/// pages share one `mprotect` range. That costs no extra exposure: every window of a batch is open
-/// at once anyway (so that a refusal leaves nothing written), it only saves system calls.
+/// The page ranges covering `writes` (sorted by address), each inside one segment of `exec`:
+/// contiguous pages share one range. That costs no extra exposure: every window of a batch is
+/// open at once anyway (so that a refusal leaves nothing written), it only saves system calls.
+/// Their protections are not known yet (`prot` is the segment's, a placeholder): they are read
+/// under the code lock by `with_current_protection`.
 fn windows(writes: &[Write], exec: &[Segment], page: usize) -> Vec<Window> {
     let mut out: Vec<Window> = Vec::new();
     for w in writes {
@@ -538,11 +615,7 @@ fn windows(writes: &[Write], exec: &[Segment], page: usize) -> Vec<Window> {
             .expect("verified site outside segment");
         match out.last_mut() {
             Some(last) if last.start + last.len > p => {}
-            Some(last)
-                if last.start + last.len == p
-                    && last.prot == seg.prot
-                    && seg.contains(last.start, p + page) =>
-            {
+            Some(last) if last.start + last.len == p && seg.contains(last.start, p + page) => {
                 last.len += page
             }
             _ => out.push(Window {
@@ -555,20 +628,198 @@ fn windows(writes: &[Write], exec: &[Segment], page: usize) -> Vec<Window> {
     out
 }
 
+/// `windows` split where the pages' current protections differ, each piece with the protection
+/// its pages have now. Runs under the code lock, so that no other copy of this crate has pages
+/// open meanwhile: what it reads is what the program (or the loader) set, never another copy's
+/// temporary `rwx`.
+fn with_current_protection(windows: &[Window]) -> Result<Vec<Window>, i32> {
+    let mut out: Vec<Window> = Vec::with_capacity(windows.len());
+    for w in windows {
+        let end = w.start + w.len;
+        let mut at = w.start;
+        while at < end {
+            let (vma_end, prot) = protection_at(at)?;
+            let to = vma_end.min(end);
+            match out.last_mut() {
+                Some(last) if last.start + last.len == at && last.prot == prot => {
+                    last.len += to - at
+                }
+                _ => out.push(Window {
+                    start: at,
+                    len: to - at,
+                    prot,
+                }),
+            }
+            at = to;
+        }
+    }
+    Ok(out)
+}
+
+/// The protection of the mapping that holds `addr`, and where that mapping ends. Asks the kernel
+/// with the `PROCMAP_QUERY` ioctl on `/proc/self/maps` (Linux 6.11+, about half a microsecond),
+/// else reads `/proc/self/maps` (older kernels, and valgrind, which does not know the ioctl).
+fn protection_at(addr: usize) -> Result<(usize, c_int), i32> {
+    match procmap_query(addr) {
+        Err(libc::ENOTTY | libc::EINVAL | libc::ENOSYS) | Err(NO_QUERY) => {
+            maps::protection_at(addr)
+        }
+        other => other,
+    }
+}
+
+/// Not an errno: `PROCMAP_QUERY` is not to be tried (valgrind).
+const NO_QUERY: i32 = -1;
+
+// <linux/fs.h>: struct procmap_query and PROCMAP_QUERY = _IOWR('f', 17, struct procmap_query).
+#[repr(C)]
+#[derive(Default)]
+struct ProcmapQuery {
+    size: u64,
+    query_flags: u64,
+    query_addr: u64,
+    vma_start: u64,
+    vma_end: u64,
+    vma_flags: u64,
+    vma_page_size: u64,
+    vma_offset: u64,
+    inode: u64,
+    dev_major: u32,
+    dev_minor: u32,
+    vma_name_size: u32,
+    build_id_size: u32,
+    vma_name_addr: u64,
+    build_id_addr: u64,
+}
+const PROCMAP_QUERY: libc::c_ulong =
+    (3 << 30) | ((size_of::<ProcmapQuery>() as libc::c_ulong) << 16) | (0x66 << 8) | 17;
+const PROCMAP_QUERY_VMA_READABLE: u64 = 1;
+const PROCMAP_QUERY_VMA_WRITABLE: u64 = 2;
+const PROCMAP_QUERY_VMA_EXECUTABLE: u64 = 4;
+
+fn procmap_query(addr: usize) -> Result<(usize, c_int), i32> {
+    let fd = maps::fd()?;
+    let mut q = ProcmapQuery {
+        size: size_of::<ProcmapQuery>() as u64,
+        query_addr: addr as u64,
+        ..ProcmapQuery::default()
+    };
+    // SAFETY: PROCMAP_QUERY reads and writes the `size` bytes of `q`; no name or build-id
+    // buffers are given (their sizes are 0).
+    if unsafe { libc::ioctl(fd, PROCMAP_QUERY, &mut q as *mut ProcmapQuery) } != 0 {
+        return Err(errno());
+    }
+    let mut prot = 0;
+    for (flag, p) in [
+        (PROCMAP_QUERY_VMA_READABLE, libc::PROT_READ),
+        (PROCMAP_QUERY_VMA_WRITABLE, libc::PROT_WRITE),
+        (PROCMAP_QUERY_VMA_EXECUTABLE, libc::PROT_EXEC),
+    ] {
+        if q.vma_flags & flag != 0 {
+            prot |= p;
+        }
+    }
+    Ok((q.vma_end as usize, prot))
+}
+
+/// `/proc/self/maps`: an open descriptor for `PROCMAP_QUERY`, and the text for older kernels.
+mod maps {
+    use core::ffi::c_int;
+    use core::sync::atomic::{AtomicI32, Ordering};
+
+    /// The descriptor, and the process that opened it: after `fork` it still describes the
+    /// parent, so a child opens its own. Relaxed: only used under the code lock.
+    static FD: AtomicI32 = AtomicI32::new(-1);
+    static PID: AtomicI32 = AtomicI32::new(0);
+
+    /// The descriptor of this process's `/proc/self/maps`, opened the first time.
+    pub(super) fn fd() -> Result<c_int, i32> {
+        if super::running_on_valgrind() {
+            return Err(super::NO_QUERY);
+        }
+        // SAFETY: getpid has no preconditions.
+        let pid = unsafe { libc::getpid() };
+        let fd = FD.load(Ordering::Relaxed);
+        if fd >= 0 && PID.load(Ordering::Relaxed) == pid {
+            return Ok(fd);
+        }
+        if fd >= 0 {
+            // The parent's descriptor, inherited through fork: not ours to query.
+            // SAFETY: a descriptor this module opened and nothing else uses.
+            unsafe { libc::close(fd) };
+            FD.store(-1, Ordering::Relaxed);
+        }
+        // SAFETY: a NUL-terminated path; the descriptor is kept for the life of the process.
+        let fd = unsafe {
+            libc::open(
+                c"/proc/self/maps".as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(super::errno());
+        }
+        FD.store(fd, Ordering::Relaxed);
+        PID.store(pid, Ordering::Relaxed);
+        Ok(fd)
+    }
+
+    /// The protection of the mapping holding `addr` and its end, from the text of
+    /// `/proc/self/maps`.
+    pub(super) fn protection_at(addr: usize) -> Result<(usize, c_int), i32> {
+        let text = std::fs::read_to_string("/proc/self/maps")
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        text.lines()
+            .find_map(|line| {
+                let (range, rest) = line.split_once(' ')?;
+                let (a, b) = range.split_once('-')?;
+                let (start, end) = (
+                    usize::from_str_radix(a, 16).ok()?,
+                    usize::from_str_radix(b, 16).ok()?,
+                );
+                if !(start..end).contains(&addr) {
+                    return None;
+                }
+                let perms = rest.as_bytes();
+                let mut prot = 0;
+                for (i, (c, p)) in [
+                    (b'r', libc::PROT_READ),
+                    (b'w', libc::PROT_WRITE),
+                    (b'x', libc::PROT_EXEC),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    if perms.get(i) == Some(&c) {
+                        prot |= p;
+                    }
+                }
+                Some((end, prot))
+            })
+            .ok_or(libc::ENOMEM)
+    }
+}
+
 fn protect(start: usize, len: usize, prot: c_int) -> Result<(), i32> {
     STATS.mprotects.fetch_add(1, Ordering::Relaxed);
-    // SAFETY: the range is page-aligned and inside one of our object's executable segments;
-    // the protection always includes PROT_EXEC, so code running there keeps running.
+    if let Some(errno) = faults::fails(Step::Protect) {
+        return Err(errno);
+    }
+    // SAFETY: the range is page-aligned and inside one of our object's executable segments (or
+    // our own thunk pages); the protection keeps whatever execute permission the pages had, so
+    // code running there keeps running.
     let r = unsafe { libc::mprotect(start as *mut c_void, len, prot) };
     if r == 0 { Ok(()) } else { Err(errno()) }
 }
 
-/// Writes a batch: opens the pages, compare-exchanges each site, restores the pages, then
-/// serialises all cores once. `exec` are the segments the sites were verified to lie in.
+/// Writes a batch: reads the pages' protections, opens the pages, compare-exchanges each site,
+/// restores the pages, then serialises all cores once. `exec` are the segments the sites were
+/// verified to lie in.
 ///
 /// All or nothing with respect to protections: if any page cannot be opened, the ones already
 /// opened are restored and nothing is written. A site whose quadword no longer holds `old` is
-/// left alone (`done` stays false).
+/// left alone (`done` stays false). Between opening and restoring there is nothing but the
+/// compare-exchanges: no allocation, no lock, no system call.
 pub(crate) fn write_batch(
     writes: &mut [Write],
     exec: &[Segment],
@@ -578,8 +829,9 @@ pub(crate) fn write_batch(
         return Ok(());
     }
     writes.sort_unstable_by_key(|w| w.addr);
-    let windows = windows(writes, exec, page);
+    let spans = windows(writes, exec, page);
     let held = code_lock::lock();
+    let windows = with_current_protection(&spans).map_err(WriteError::Protect)?;
     let opened_at = Instant::now();
     for (i, w) in windows.iter().enumerate() {
         if w.prot & libc::PROT_WRITE != 0 {
@@ -596,6 +848,9 @@ pub(crate) fn write_batch(
         // compare-exchange is atomic, so a thread fetching these bytes sees either the old or
         // the new instruction, each complete.
         let word = unsafe { AtomicU64::from_ptr(w.addr as *mut u64) };
+        if faults::fails(Step::Cmpxchg).is_some() {
+            simulate_foreign_byte(word, w);
+        }
         w.done = word
             .compare_exchange(w.old, w.new, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok();
@@ -603,15 +858,23 @@ pub(crate) fn write_batch(
     }
     restore(&windows);
     drop(held);
-    let rwx = opened_at.elapsed().as_nanos() as u64;
-    STATS.rwx_nanos.fetch_add(rwx, Ordering::Relaxed);
-    STATS.max_rwx_nanos.fetch_max(rwx, Ordering::Relaxed);
+    note_window(opened_at.elapsed().as_nanos() as u64);
     STATS.batches.fetch_add(1, Ordering::Relaxed);
     STATS.writes.fetch_add(written, Ordering::Relaxed);
     if written == 0 {
         return Ok(());
     }
     sync_cores().map_err(WriteError::Sync)
+}
+
+/// Fault injection: a debugger's breakpoint lands on the instruction just before we write it
+/// (on an empty thunk slot, already all `int3`, some other byte does).
+fn simulate_foreign_byte(word: &AtomicU64, w: &Write) {
+    let mut bytes = word.load(Ordering::SeqCst).to_le_bytes();
+    let was = bytes[w.insn_at];
+    faults::note_foreign(w.addr + w.insn_at, was);
+    bytes[w.insn_at] = if was == 0xcc { 0xf4 } else { 0xcc };
+    word.store(u64::from_le_bytes(bytes), Ordering::SeqCst);
 }
 
 fn restore(windows: &[Window]) {
@@ -624,6 +887,14 @@ fn restore(windows: &[Window]) {
     }
 }
 
+/// Counts one window during which pages were writable and executable, of `nanos`.
+fn note_window(nanos: u64) {
+    STATS.rwx_nanos.fetch_add(nanos, Ordering::Relaxed);
+    STATS.max_rwx_nanos.fetch_max(nanos, Ordering::Relaxed);
+    let bucket = (u64::BITS - 1 - nanos.max(1).leading_zeros()) as usize;
+    STATS.rwx_windows[bucket.min(RWX_BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -631,6 +902,7 @@ mod tests {
     fn write(addr: usize) -> Write {
         Write {
             addr,
+            insn_at: 0,
             old: 0,
             new: 0,
             done: false,
@@ -702,6 +974,51 @@ mod tests {
             ],
             "one window per run of pages, never across segments"
         );
+    }
+
+    /// Three fresh pages, `r-x`, `rwx`, `r-x`: one window over them comes back as three, each
+    /// with the protection it has now, and the ioctl and the text of /proc/self/maps agree.
+    #[test]
+    fn current_protections_split_a_window_where_they_differ() {
+        let page = page_size();
+        let rx = libc::PROT_READ | libc::PROT_EXEC;
+        let rwx = rx | libc::PROT_WRITE;
+        // SAFETY: a fresh private mapping of our own, changed and unmapped only here.
+        let p = unsafe {
+            let p = libc::mmap(
+                core::ptr::null_mut(),
+                3 * page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED);
+            assert_eq!(libc::mprotect(p, 3 * page, rx), 0);
+            assert_eq!(libc::mprotect(p.byte_add(page), page, rwx), 0);
+            p as usize
+        };
+        let window = Window {
+            start: p,
+            len: 3 * page,
+            prot: 0,
+        };
+        let got = with_current_protection(&[window]).unwrap();
+        let at = |i: usize, prot| Window {
+            start: p + i * page,
+            len: page,
+            prot,
+        };
+        assert_eq!(got, vec![at(0, rx), at(1, rwx), at(2, rx)]);
+        for i in 0..3 {
+            let text = maps::protection_at(p + i * page).unwrap();
+            match procmap_query(p + i * page) {
+                Ok(by_ioctl) => assert_eq!(by_ioctl, text, "page {i}"),
+                Err(e) => println!("note: PROCMAP_QUERY unavailable here ({e})"),
+            }
+        }
+        // SAFETY: our own mapping, no longer used.
+        unsafe { libc::munmap(p as *mut c_void, 3 * page) };
     }
 
     #[test]

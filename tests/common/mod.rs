@@ -321,6 +321,11 @@ pub(crate) use scenario;
 /// Runs the test `name` of this binary in a child process and asserts that it printed its
 /// "passed" line and exited successfully within [`CHILD_TIMEOUT`] (it is killed after that).
 pub fn run_in_child(name: &str, env: &[(&str, &str)]) {
+    run_child(name, env);
+}
+
+/// As [`run_in_child`], and returns what the child printed on its standard output.
+pub fn run_child(name: &str, env: &[(&str, &str)]) -> String {
     use std::io::Read;
     use std::process::{Command, Stdio};
     use std::time::Instant;
@@ -358,16 +363,45 @@ pub fn run_in_child(name: &str, env: &[(&str, &str)]) {
             let _ = child.kill();
             break (child.wait().unwrap(), true);
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(std::time::Duration::from_millis(5));
     };
     let stdout = stdout.join().unwrap();
     let stderr = stderr.join().unwrap();
     assert!(
         !timed_out,
-        "scenario {name} hung (deadlock?):\n{stdout}\n{stderr}"
+        "scenario {name} {env:?} hung (deadlock?):\n{stdout}\n{stderr}"
     );
     assert!(
         status.success() && stdout.contains(&format!("scenario {name} passed")),
-        "scenario {name} failed ({status}):\n{stdout}\n{stderr}"
+        "scenario {name} {env:?} failed ({status}):\n{stdout}\n{stderr}"
     );
+    stdout
+}
+
+/// Where the `call` at `site` ends up: its target, or, when that target is a near thunk (`jmp
+/// qword ptr [rip + 0]` followed by an address), the address the thunk jumps to. `None` if the
+/// bytes at `site` are not a `call rel32`.
+pub fn call_destination(site: usize) -> Option<usize> {
+    let target = call_target(site)?;
+    let jmp = decode(target);
+    if jmp.code() == Code::Jmp_rm64
+        && jmp.is_ip_rel_memory_operand()
+        && jmp.ip_rel_memory_address() == target as u64 + 6
+    {
+        return Some(u64::from_le_bytes(read(target + 6, 8).try_into().unwrap()) as usize);
+    }
+    Some(target)
+}
+
+/// Writes one byte of code the way a debugger does (through `/proc/self/mem`, which writes
+/// read-only pages without changing their protection): to place or remove a breakpoint.
+pub fn debugger_poke(addr: usize, byte: u8) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut mem = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/proc/self/mem")
+        .expect("/proc/self/mem");
+    mem.seek(SeekFrom::Start(addr as u64)).unwrap();
+    mem.write_all(&[byte])
+        .expect("write through /proc/self/mem");
 }

@@ -86,6 +86,7 @@ pub unsafe extern "C" fn sclib_sites(out: *mut SiteRecord, cap: usize) -> usize 
                     SiteState::Pending => 0,
                     SiteState::Patched => 1,
                     SiteState::Trampoline(_) => 2,
+                    _ => 3,
                 };
                 let record = SiteRecord {
                     key_index: index,
