@@ -26,7 +26,8 @@ pub enum Disabled {
     /// when the library initialised.
     EnvVar,
     /// `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)` is unavailable, so cores that
-    /// run patched code could not be serialised. Holds the errno of the failed registration.
+    /// run patched code could not be serialised. Holds the errno of the failed registration at
+    /// start-up, or of a later call that failed (a seccomp filter installed afterwards).
     NoCoreSync {
         /// errno from `membarrier`.
         errno: i32,

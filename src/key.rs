@@ -3,7 +3,7 @@
 use core::marker::PhantomData;
 use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
-use crate::diagnostics::{Error, SiteInfo};
+use crate::diagnostics::{Error, ErrorKind, SiteInfo};
 use crate::imp;
 use crate::site::{Arg, Class, NoResult, RetVal, Site, ZeroableResult, check_signature};
 
@@ -330,9 +330,15 @@ impl<F: Signature> StaticCall<F> {
     }
 }
 
+/// Panics on a failed update, saying what the error leaves behind (see [`ErrorKind`]).
 fn expect_set(result: Result<(), Error>) {
     if let Err(e) = result {
-        panic!("static_call: update failed, the key keeps its old target: {e}");
+        let left = match e.kind {
+            ErrorKind::NotSynced { .. } => "the change was made, but cores were not serialised",
+            ErrorKind::UndoFailed => "every key keeps its old target, one site may not",
+            _ => "nothing changed: every key keeps its old target",
+        };
+        panic!("static_call: update failed ({left}): {e}");
     }
 }
 
@@ -399,9 +405,12 @@ impl<F: Copy> StaticCall<F> {
     /// Not async-signal-safe: it takes the patch lock.
     ///
     /// # Panics
-    /// If a site that already calls the old target directly can no longer be rewritten (its page
-    /// cannot be made writable, or someone else changed its bytes). The key then keeps its old
-    /// target everywhere. Use [`try_update`](Self::try_update) to handle that case.
+    /// When [`try_update`](Self::try_update) fails: a site that already calls the old target
+    /// directly could not be rewritten (its page cannot be made writable, someone else's bytes
+    /// are over it) or `membarrier` failed. The message says what the error leaves behind:
+    /// nearly always nothing changed, and the key keeps its old target everywhere; the
+    /// exceptions are [`ErrorKind::NotSynced`] and [`ErrorKind::UndoFailed`]. Use `try_update`
+    /// to handle these cases.
     ///
     /// ```
     /// static_call::define_static_call!(OP: extern "C" fn(i32) -> i32 = double);
@@ -416,8 +425,17 @@ impl<F: Copy> StaticCall<F> {
         expect_set(self.try_update(f));
     }
 
-    /// Like [`update`](Self::update), but reports failure instead of panicking. On `Err`, the
-    /// key and every site keep the old target.
+    /// Like [`update`](Self::update), but reports failure instead of panicking.
+    ///
+    /// # Errors
+    /// Each [`ErrorKind`] says what it leaves behind (docs/safety.md has them side by side):
+    /// - [`WriteRefused`](ErrorKind::WriteRefused), [`ForeignBytes`](ErrorKind::ForeignBytes)
+    ///   and [`CoreSyncFailed`](ErrorKind::CoreSyncFailed): nothing changed; the key and every
+    ///   site keep the old target;
+    /// - [`NotSynced`](ErrorKind::NotSynced): the change was made (the key holds `f`, the sites
+    ///   call it), but `membarrier` failed afterwards;
+    /// - [`UndoFailed`](ErrorKind::UndoFailed): the key keeps its old target, and one site, the
+    ///   error names, may not (two foreign writers raced with this update).
     ///
     /// ```
     /// static_call::define_static_call!(OP: extern "C" fn() -> u8 = one);
@@ -600,12 +618,20 @@ impl<'a> Batch<'a> {
     /// Makes every change, or none. Not async-signal-safe: it takes the patch lock.
     ///
     /// # Panics
-    /// When [`try_commit`](Self::try_commit) would fail; then no key changed.
+    /// When [`try_commit`](Self::try_commit) fails; the message says what the error leaves
+    /// behind (nearly always: no key changed).
     pub fn commit(self) {
         expect_set(self.try_commit());
     }
 
-    /// Like [`commit`](Self::commit), reporting failure (after which no key changed).
+    /// Like [`commit`](Self::commit), reporting failure.
+    ///
+    /// # Errors
+    /// As for [`StaticCall::try_update`], across every key of the batch: after
+    /// [`WriteRefused`](ErrorKind::WriteRefused), [`ForeignBytes`](ErrorKind::ForeignBytes) or
+    /// [`CoreSyncFailed`](ErrorKind::CoreSyncFailed) no key changed; after
+    /// [`NotSynced`](ErrorKind::NotSynced) every key changed; after
+    /// [`UndoFailed`](ErrorKind::UndoFailed) no key changed, and the site it names may disagree.
     pub fn try_commit(self) -> Result<(), Error> {
         imp::update(&self.changes)
     }

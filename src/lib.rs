@@ -93,8 +93,10 @@ pub use site::{Arg, NoResult, RetVal, ZeroableResult};
 
 /// Blocks until every site queued so far has been patched or given up on.
 ///
-/// Does the worker's job in the calling thread, so it returns even if the worker could not
-/// start. Returns at once when nothing is queued. Not async-signal-safe.
+/// Does the worker's job in the calling thread (with every signal blocked while it does), so it
+/// returns even if the worker could not start; `update` does the same when there is no worker.
+/// Returns at once when nothing is queued. A site whose write failed in a way that may pass
+/// (`Reason::WriteFailed`) is left to the worker's retry. Not async-signal-safe.
 ///
 /// ```
 /// static_call::define_static_call!(K: extern "C" fn() -> i32 = seven);
@@ -133,8 +135,12 @@ pub fn init() {
 /// (`prctl(PR_SET_MDWE)`, a seccomp filter without `mprotect`): after that, a patched site could
 /// no longer be rewritten, and `update` would have to fail.
 ///
-/// Fails (and leaves the sites it could not reach patched) only if code can already no longer be
-/// written, or a site's bytes were changed by someone else. Not async-signal-safe.
+/// Works site by site (a site back on the trampoline is correct whatever happens to the others)
+/// and switches patching off only once every site is unpatched. Fails if code can already no
+/// longer be written ([`ErrorKind::WriteRefused`]: nothing was rewritten), if someone else's
+/// bytes are over a patched site ([`ErrorKind::ForeignBytes`]: every other site is on the
+/// trampoline, that one is unchanged, patching stays on; call again once the bytes are gone), or
+/// if `membarrier` failed after the writes ([`ErrorKind::NotSynced`]). Not async-signal-safe.
 ///
 /// ```
 /// static_call::define_static_call!(K: extern "C" fn() -> i32 = one);
