@@ -310,6 +310,25 @@ def main():
             md.append(f"| {label} | {cell('windows.' + k + '.time_us')} | {int(w['mprotects'])} | "
                       f"{med(lat(runs, 'windows.' + k + '.rwx_us')):.1f} | {int(w['vmas_after'])} |")
 
+        if all("rwx_windows" in r for r in runs):
+            md.append("")
+            md.append("### How long code pages stay writable (`stats().rwx_windows`)\n")
+            md.append("Every window, from the first `mprotect` to the second, is counted in a log2 "
+                      "histogram; the quantiles below are bucket upper bounds (µs), the median over "
+                      "rounds with the min–max. The storm is 8 threads updating keys of their own "
+                      "(one patched site each) on this machine's CPUs, so that updaters are "
+                      "preempted, some inside their windows.\n")
+            md.append("| load | windows | p50 (µs) | p99 (µs) | max (µs) |")
+            md.append("|---|---:|---:|---:|---:|")
+            def wcell(k, q):
+                v = lat(runs, f"rwx_windows.{k}.{q}_us")
+                sp = spread(v, "{:.1f}")
+                return f"{med(v):.1f}" + (f" ({sp})" if sp else "")
+            for label, k in [("updates one at a time", "quiet"), ("update storm, 8 threads", "storm")]:
+                n = med(lat(runs, f"rwx_windows.{k}.windows"))
+                md.append(f"| {label} | {int(n)} | "
+                          + " | ".join(wcell(k, q) for q in ["p50", "p99", "max"]) + " |")
+
         m = runs[-1]["memory"]
         fc = runs[-1]["first_call"]
         md.append("")
