@@ -826,9 +826,9 @@ mod imp {
         let key_static = size_of_val(&LAT);
         println!("memory:");
         println!(
-            "  key: {key} bytes (the static `define_static_call!` makes: {key_static}); registry: {} slots of 32 bytes = {} KiB virtual, {} sites registered",
+            "  key: {key} bytes (the static `define_static_call!` makes: {key_static}); registry: {} slots of 64 bytes = {} KiB virtual, {} sites registered",
             status.capacity,
-            status.capacity * 32 / 1024,
+            status.capacity * 64 / 1024,
             status.sites
         );
         println!(
@@ -843,7 +843,7 @@ mod imp {
         j.num("key_bytes", key as f64);
         j.num("key_static_bytes", key_static as f64);
         j.num("registry_slots", status.capacity as f64);
-        j.num("registry_kib", (status.capacity * 32 / 1024) as f64);
+        j.num("registry_kib", (status.capacity * 64 / 1024) as f64);
         j.num("sites", status.sites as f64);
         j.num("rss_anon_start_kib", anon_start as f64);
         j.num("rss_anon_init_kib", anon_init as f64);

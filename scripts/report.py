@@ -335,7 +335,7 @@ def main():
         md.append("### Memory and mappings\n")
         md.append(f"- Key: {int(m['key_bytes'])} bytes (`StaticCall<F>`; the static that "
                   f"`define_static_call!` makes is {int(m['key_static_bytes'])} bytes).")
-        md.append(f"- Registry: {int(m['registry_slots'])} slots × 32 bytes = {int(m['registry_kib'])} KiB. "
+        md.append(f"- Registry: {int(m['registry_slots'])} slots × 64 bytes = {int(m['registry_kib'])} KiB. "
                   f"Anonymous RSS went from {int(m['rss_anon_start_kib'])} KiB to "
                   f"{int(m['rss_anon_init_kib'])} KiB at `init()`, before any site registered.")
         md.append(f"- {int(fc['sites'])} fresh sites on {int(fc['pages'])} code pages: "

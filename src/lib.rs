@@ -65,6 +65,8 @@ mod os {
     pub(crate) mod linux;
 }
 #[cfg(static_call_patching)]
+mod kinds;
+#[cfg(static_call_patching)]
 mod patcher;
 #[cfg(static_call_patching)]
 mod registry;

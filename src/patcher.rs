@@ -9,14 +9,16 @@
 //!
 //! | record | meaning | in its key's list | bytes at the site |
 //! |---|---|---|---|
-//! | `UNSETTLED` | registered, not looked at yet | no | `call trampoline`, as compiled |
+//! | `UNSETTLED` | registered, not looked at yet | no | its *home*, as compiled |
 //! | `BLOCKED(reason)` | its bytes did not prove its key, or patching was off | no | never written by us |
-//! | `LIVE(ours, reason)` | proven; `ours` are the bytes we last wrote or verified there; `reason` says why they are `call trampoline`, if they are | yes | `ours`, or someone else's bytes over them (*foreign*) |
+//! | `LIVE(ours, reason)` | proven; `ours` are the bytes we last wrote or verified there; `reason` says why they are home, if they are | yes | `ours`, or someone else's bytes over them (*foreign*) |
 //!
-//! Foreign bytes are never recorded: every operation, and `sites()`, re-reads the site. A LIVE
-//! site is *required* when `ours` is not `call trampoline`: it calls a target directly (or is a
-//! NOP, or `xor eax, eax`), so it does not follow its key by itself and must be rewritten when
-//! the key changes. A site on the trampoline is correct whatever its key holds.
+//! A site's *home* is what its kind compiles to and keeps while unpatched: `call trampoline` for
+//! a call site (`kinds.rs` has every kind's). Foreign bytes are never recorded: every operation,
+//! and `sites()`, re-reads the site. A LIVE site is *required* when `ours` is not home: it calls
+//! a target directly (or is a NOP, or `xor eax, eax`), so it does not follow its key by itself
+//! and must be rewritten when the key changes. A site at home reaches the trampoline, which is
+//! correct whatever its key holds.
 //!
 //! # Transitions
 //!
@@ -26,8 +28,8 @@
 //! | from | when | to | bytes written | where |
 //! |---|---|---|---|---|
 //! | UNSETTLED | patching is off | BLOCKED(Disabled) | — | `settle_one` |
-//! | UNSETTLED | the bytes do not prove the key | BLOCKED(NotASite, KeyNotProven or ForeignBytes) | — | `settle_one` |
-//! | UNSETTLED | proven | LIVE(call trampoline), linked to its key; then planned as below | — | `settle_one` |
+//! | UNSETTLED | the bytes do not prove the key and the kind | BLOCKED(NotASite, KeyNotProven or ForeignBytes) | — | `settle_one` |
+//! | UNSETTLED | proven | LIVE(home), linked to its key; then planned as below | — | `settle_one` |
 //! | LIVE(x) | planned for `want` = x | LIVE(x, new reason) | — | `plan_site` |
 //! | LIVE(x) | planned; foreign bytes, not required | LIVE(x): correct whatever the key holds, and once the bytes are back | — | `plan_site` |
 //! | LIVE(x) | planned; foreign bytes, required | LIVE(x); an all-or-nothing operation fails before anything changed | — | `plan_site` |
@@ -42,21 +44,21 @@
 //! # Operations
 //!
 //! - **Settling new sites** (the worker, `flush`): site by site; a failure is recorded in the
-//!   site's record and nothing is undone (every site planned here is on the trampoline, which
-//!   is correct whatever happens).
+//!   site's record and nothing is undone (every site planned here is at home, which is correct
+//!   whatever happens).
 //! - **`update` and `Batch`**: all or nothing over required sites. Planning fails, before
 //!   anything changed, if a required site holds foreign bytes. If there is a required write,
 //!   one core sync runs before anything is published, so that a failing `membarrier` is found
 //!   while nothing has changed. Then the targets are published and the plan written; if a
 //!   required write fails, the targets are restored and the writes undone (`roll_back`).
-//! - **`unpatch_all`**: site by site, every LIVE site to `call trampoline`; patching goes off
-//!   only once every site is there.
+//! - **`unpatch_all`**: site by site, every LIVE site back home; patching goes off only once
+//!   every site is there.
 //!
 //! Invariants, under the lock:
 //! - A site is in its key's list exactly when its record is LIVE.
 //! - When no operation is under way, the `ours` of every LIVE site of a key agrees with the
-//!   key's target: `call <target>` (or of its near thunk, `thunks.rs`), NOP5 or RET0, or
-//!   `call trampoline` with a reason. The one exception is the site named by
+//!   key's target (`kinds::wants`: for a call site, `call <target>` or of its near thunk, NOP5 or
+//!   RET0), or its home with a reason. The one exception is the site named by
 //!   `ErrorKind::UndoFailed`.
 //! - `key.func` changes only here, under the lock; the worker reads it at patch time, never at
 //!   queue time, so a site registered before an `update` is patched to the new target.
@@ -66,11 +68,12 @@
 use core::cell::UnsafeCell;
 use core::sync::atomic::Ordering;
 
-use crate::arch::x86_64::{self as arch, Insn, PROLOGUE, SiteInsn, SiteWord, WORD};
+use crate::arch::x86_64::{self as arch, Insn, SiteWord};
 use crate::diagnostics::{
     Disabled, Error, ErrorKind, Reason, SiteInfo, SiteState, Status, WorkerStatus,
 };
 use crate::key::{RawKey, RawTarget};
+use crate::kinds::{self, Kind};
 use crate::os::faults::{self, Point};
 use crate::os::linux::{self, Write, WriteError};
 use crate::registry::{QUEUED, RETRY, SETTLED, Slot};
@@ -196,33 +199,28 @@ struct Planned {
     before: Info,
 }
 
-/// `call trampoline` at `site`; always encodable, the trampoline lives in the same object.
-fn trampoline_insn(rt: &Runtime, site: usize) -> Insn {
-    arch::encode(site, SiteInsn::Call(rt.trampoline)).expect("trampoline within rel32 of its sites")
+/// The kind of the site in `slot`.
+fn kind(slot: &Slot) -> Kind {
+    Kind::from_u32(slot.kind.load(Ordering::Relaxed))
 }
 
-/// What a LIVE site should hold for `target`, and why that is the trampoline if it is: a direct
-/// call if it reaches, else a call to the target's thunk if it has one (`Thunks::make_for` ran
-/// for it first), else the trampoline.
-fn desired(
-    rt: &Runtime,
-    site: usize,
-    target: RawTarget,
-    thunks: &Thunks,
-) -> (Insn, Option<Reason>) {
-    let what = match target {
-        RawTarget::Call(f) => SiteInsn::Call(f as usize),
-        RawTarget::Null(_) => SiteInsn::Nop,
-        RawTarget::Ret0(_) => SiteInsn::Ret0,
-    };
-    let via_thunk = || match target {
-        RawTarget::Call(f) => arch::encode(site, SiteInsn::Call(thunks.get(f as usize)?)),
-        _ => None,
-    };
-    match arch::encode(site, what).or_else(via_thunk) {
-        Some(insn) => (insn, None),
-        None => (trampoline_insn(rt, site), Some(Reason::TargetOutOfRange)),
-    }
+/// What the patcher keeps about the site in `slot` (`kinds::Proof::aux`).
+fn aux(slot: &Slot) -> [u64; 2] {
+    [
+        slot.aux[0].load(Ordering::Relaxed),
+        slot.aux[1].load(Ordering::Relaxed),
+    ]
+}
+
+/// The bytes of the site in `slot` while unpatched: `call trampoline` for a call site.
+fn home(rt: &Runtime, slot: &Slot) -> Insn {
+    kinds::home(rt, kind(slot), slot.site.load(Ordering::Relaxed), aux(slot))
+}
+
+/// What the LIVE site in `slot` should hold for `target`, and why that is its home, if it is.
+fn wants(rt: &Runtime, slot: &Slot, target: RawTarget, thunks: &Thunks) -> (Insn, Option<Reason>) {
+    let site = slot.site.load(Ordering::Relaxed);
+    kinds::wants(rt, kind(slot), site, aux(slot), target, thunks)
 }
 
 /// The functions that `targets` call (NULL and return-zero targets need no thunk).
@@ -231,34 +229,6 @@ fn called(targets: impl IntoIterator<Item = RawTarget>) -> impl Iterator<Item = 
         RawTarget::Call(f) => Some(f as usize),
         _ => None,
     })
-}
-
-/// Checks that `site` is one of our sites bound to `key`; returns its quadword and its value.
-fn verify(rt: &Runtime, site: usize, key: &RawKey) -> Result<(SiteWord, u64), Reason> {
-    let object = rt
-        .object
-        .as_ref()
-        .ok_or(Reason::Disabled(Disabled::ObjectNotFound))?;
-    let at = SiteWord::of(site).ok_or(Reason::NotASite)?;
-    let start = site.checked_sub(PROLOGUE).ok_or(Reason::NotASite)?;
-    object
-        .exec_segment(start, at.addr + WORD)
-        .ok_or(Reason::NotASite)?;
-    let mut code = [0u8; PROLOGUE + arch::INSN_LEN];
-    // SAFETY: [start, at.addr + WORD) lies in one of our executable segments, which stay mapped
-    // (our own object is pinned), and `at.addr` is 8-aligned.
-    let word = unsafe {
-        linux::read_code(start, &mut code);
-        linux::read_word(at.addr)
-    };
-    if code[PROLOGUE..] != at.insn(word) {
-        return Err(Reason::ForeignBytes);
-    }
-    let bound = arch::prove_site(&code, start as u64, rt.trampoline as u64)?;
-    if bound != key.addr() as u64 || !object.holds_data(key.addr(), size_of::<RawKey>()) {
-        return Err(Reason::KeyNotProven);
-    }
-    Ok((at, word))
 }
 
 /// The five bytes at a LIVE site now, read from its quadword.
@@ -386,14 +356,17 @@ fn settle_one(
         if let Err(why) = runtime::mode() {
             return Info::blocked(Reason::Disabled(why)).store(slot);
         }
-        let (at, word) = match verify(rt, site, key) {
-            Ok(found) => found,
+        let proof = match kinds::prove(rt, kind(slot), site, key) {
+            Ok(proof) => proof,
             Err(reason) => return Info::blocked(reason).store(slot),
         };
+        for (kept, value) in slot.aux.iter().zip(proof.aux) {
+            kept.store(value, Ordering::Relaxed);
+        }
         link(rt, key, index, locked);
-        Info::live(at.insn(word), None).store(slot);
+        Info::live(proof.at.insn(proof.word), None).store(slot);
     }
-    let (want, reason) = desired(rt, site, key.target(), thunks);
+    let (want, reason) = wants(rt, slot, key.target(), thunks);
     // A site planned here is on the trampoline (new, or queued again), so never required: an
     // error (foreign bytes on a required site) cannot happen, and would leave it as it is.
     let _ = plan_site(rt, index, slot, want, reason, plan);
@@ -417,7 +390,7 @@ fn plan_site(
         Info::live(want, reason).store(slot);
         return Ok(());
     }
-    let required = info.insn != trampoline_insn(rt, site);
+    let required = info.insn != home(rt, slot);
     let (at, word) = bytes_at(site);
     if at.insn(word) != info.insn {
         return if required { Err(site) } else { Ok(()) };
@@ -520,8 +493,7 @@ fn retry_failed_writes(rt: &Runtime, locked: &Locked) {
     thunks.make_for(rt, called(waiting.iter().map(|(_, s)| s.key().target())));
     let mut plan = Vec::new();
     for &(index, slot) in &waiting {
-        let site = slot.site.load(Ordering::Relaxed);
-        let (want, reason) = desired(rt, site, slot.key().target(), &thunks);
+        let (want, reason) = wants(rt, slot, slot.key().target(), &thunks);
         let _ = plan_site(rt, index, slot, want, reason, &mut plan);
     }
     match write(rt, &mut plan) {
@@ -554,8 +526,7 @@ pub(crate) fn update(changes: &[(&RawKey, RawTarget)]) -> Result<(), Error> {
     let mut plan = Vec::new();
     for &(key, target) in changes {
         for (index, slot) in list(rt, key, &locked) {
-            let site = slot.site.load(Ordering::Relaxed);
-            let (want, reason) = desired(rt, site, target, &thunks);
+            let (want, reason) = wants(rt, slot, target, &thunks);
             plan_site(rt, index, slot, want, reason, &mut plan).map_err(|site| Error {
                 site: Some(site),
                 kind: ErrorKind::ForeignBytes,
@@ -713,8 +684,7 @@ pub(crate) fn unpatch_all() -> Result<(), Error> {
     let mut plan = Vec::new();
     let mut foreign = None;
     for (index, slot) in live_sites(rt, &locked) {
-        let site = slot.site.load(Ordering::Relaxed);
-        let home = trampoline_insn(rt, site);
+        let home = home(rt, slot);
         if let Err(site) = plan_site(rt, index, slot, home, Some(why), &mut plan) {
             foreign.get_or_insert(site);
         }
@@ -769,13 +739,12 @@ fn site_info(rt: &Runtime, slot: &Slot, key: &RawKey, thunks: &Thunks) -> SiteIn
     let state = if slot.state.load(Ordering::Acquire) != SETTLED {
         SiteState::Pending
     } else {
-        let trampoline = trampoline_insn(rt, address);
         match info.status {
             LIVE if bytes != Some(info.insn) => SiteState::Foreign,
-            LIVE if info.insn == trampoline => {
+            LIVE if info.insn == home(rt, slot) => {
                 SiteState::Trampoline(info.reason().unwrap_or(Reason::NotASite))
             }
-            LIVE if info.insn == desired(rt, address, key.target(), thunks).0 => SiteState::Patched,
+            LIVE if info.insn == wants(rt, slot, key.target(), thunks).0 => SiteState::Patched,
             LIVE => SiteState::Stale,
             BLOCKED => SiteState::Trampoline(info.reason().unwrap_or(Reason::NotASite)),
             _ => SiteState::Pending,

@@ -11,7 +11,8 @@
 //! Who writes each field of a [`Slot`]:
 //! - `site`: `0 → call address` once, by the thread whose compare-exchange claims the slot.
 //!   Never changes again (except in a forked child's reset, where no other thread exists).
-//! - `key`: by the claimer, before it publishes the slot with a `Release` store of `state`.
+//! - `key`, `kind`: by the claimer, before it publishes the slot with a `Release` store of
+//!   `state`.
 //! - `state`: by the slow path and the patcher, following this machine:
 //!
 //!   ```text
@@ -20,8 +21,8 @@
 //!       +--queue full--> RETRY   (a later call of the site queues it again)
 //!   CLAIMING --patching off--> SETTLED   (the claimer writes `info` first)
 //!   ```
-//! - `next`, `info`: only under the patch lock (`patcher.rs`), except that the claimer of a
-//!   brand-new slot may write `info` before its `Release` store of `SETTLED`: nobody else looks
+//! - `next`, `info`, `aux`: only under the patch lock (`patcher.rs`), except that the claimer of
+//!   a brand-new slot may write `info` before its `Release` store of `SETTLED`: nobody else looks
 //!   at a slot's `info` until they have seen `SETTLED` with `Acquire`.
 
 #[cfg(not(all(test, loom)))]
@@ -48,10 +49,11 @@ pub(crate) const DEFAULT_CAPACITY: usize = 1 << 14;
 /// A lookup gives up after this many occupied slots: the table is too full to be worth it.
 const MAX_PROBES: usize = 256;
 
-/// One registered site. 32 bytes.
-#[repr(C, align(32))]
+/// One registered site. 64 bytes.
+#[repr(C, align(64))]
 pub(crate) struct Slot {
-    /// Address of the site's `call` instruction; 0 while the slot is free.
+    /// Address of the site's five rewritable bytes (its `call`, or its `jmp`); 0 while the slot
+    /// is free.
     pub site: AtomicUsize,
     /// The key the site was first called with.
     pub key: AtomicPtr<RawKey>,
@@ -61,6 +63,10 @@ pub(crate) struct Slot {
     pub next: AtomicU32,
     /// (patch lock) The patcher's record of the site, see `patcher::Info`.
     pub info: AtomicU64,
+    /// The kind of site (`kinds::Kind` as a number), named by the trampoline entry it reached.
+    pub kind: AtomicU32,
+    /// (patch lock) What the patcher keeps about a site of this kind (see `kinds.rs`).
+    pub aux: [AtomicU64; 2],
 }
 
 impl Slot {
@@ -162,7 +168,7 @@ impl Registry {
 
 /// `capacity` free slots in fresh anonymous memory. Zero pages are free slots, and the kernel
 /// maps a page only when a slot on it is first written, so an unused registry costs no memory.
-/// (The global allocator would not do: for `Slot`'s 32-byte alignment, its `alloc_zeroed`
+/// (The global allocator would not do: for `Slot`'s 64-byte alignment, its `alloc_zeroed`
 /// allocates and then writes zeros over every page.)
 #[cfg(not(all(test, loom)))]
 fn free_slots(capacity: usize) -> &'static [Slot] {
@@ -201,6 +207,8 @@ fn free_slots(capacity: usize) -> &'static [Slot] {
             state: AtomicU32::new(CLAIMING),
             next: AtomicU32::new(0),
             info: AtomicU64::new(0),
+            kind: AtomicU32::new(0),
+            aux: [AtomicU64::new(0), AtomicU64::new(0)],
         })
         .collect::<Vec<_>>()
         .leak()

@@ -10,6 +10,7 @@ use core::sync::atomic::Ordering;
 
 use crate::diagnostics::Reason;
 use crate::key::RawKey;
+use crate::kinds::Kind;
 use crate::patcher::Info;
 use crate::registry::{Lookup, QUEUED, RETRY, SETTLED, Slot};
 use crate::{runtime, worker};
@@ -53,7 +54,7 @@ unsafe extern "C" fn slow_path(key: *const RawKey, ret: usize) -> *const () {
     // (or fields of statics), so the reference is valid for 'static.
     let key: &'static RawKey = unsafe { &*key };
     alignment_canary();
-    register(key, ret.wrapping_sub(CALL_LEN));
+    register(key, ret.wrapping_sub(CALL_LEN), Kind::Call);
     key.func()
 }
 
@@ -73,10 +74,10 @@ fn alignment_canary() {
     core::hint::black_box(&slot);
 }
 
-/// Makes sure the site whose call instruction is at `site` is registered and, if it is new,
-/// queued for the patcher. Best effort: whatever happens, the caller then calls the key's
-/// current target through the trampoline, which is always correct.
-fn register(key: &'static RawKey, site: usize) {
+/// Makes sure the site of `kind` whose five rewritable bytes are at `site` is registered and, if
+/// it is new, queued for the patcher. Best effort: whatever happens, the caller then calls the
+/// key's current target through the trampoline, which is always correct.
+fn register(key: &'static RawKey, site: usize, kind: Kind) {
     let Some(rt) = runtime::get_or_init() else {
         return;
     };
@@ -91,6 +92,7 @@ fn register(key: &'static RawKey, site: usize) {
         Lookup::Claimed(slot, index) => {
             slot.key
                 .store(key as *const RawKey as *mut RawKey, Ordering::Relaxed);
+            slot.kind.store(kind as u32, Ordering::Relaxed);
             match runtime::mode() {
                 Ok(()) => {
                     // Release: the patcher, which reads `state` with Acquire, sees `key`.

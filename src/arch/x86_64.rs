@@ -48,6 +48,9 @@ pub const RET0: Insn = [0x2e, 0x2e, 0x2e, 0x31, 0xc0];
 pub enum SiteInsn {
     /// `call dest`.
     Call(usize),
+    /// `jmp dest`.
+    #[allow(dead_code)] // Tail sites (`static_call_fn!`) are next.
+    Jmp(usize),
     /// Nothing (a key with no target).
     Nop,
     /// `rax = 0` (a key that returns zero).
@@ -58,15 +61,18 @@ pub enum SiteInsn {
 /// that cannot be encoded there (a call target beyond a rel32).
 pub fn encode(site: usize, what: SiteInsn) -> Option<Insn> {
     match what {
-        SiteInsn::Call(dest) => {
-            let rel =
-                i32::try_from((dest as i64).wrapping_sub(site as i64 + INSN_LEN as i64)).ok()?;
-            let r = rel.to_le_bytes();
-            Some([0xe8, r[0], r[1], r[2], r[3]])
-        }
+        SiteInsn::Call(dest) => rel32(0xe8, site, dest),
+        SiteInsn::Jmp(dest) => rel32(0xe9, site, dest),
         SiteInsn::Nop => Some(NOP5),
         SiteInsn::Ret0 => Some(RET0),
     }
+}
+
+/// `opcode rel32` at `site` reaching `dest`, if it reaches.
+fn rel32(opcode: u8, site: usize, dest: usize) -> Option<Insn> {
+    let rel = i32::try_from((dest as i64).wrapping_sub(site as i64 + INSN_LEN as i64)).ok()?;
+    let r = rel.to_le_bytes();
+    Some([opcode, r[0], r[1], r[2], r[3]])
 }
 
 /// Length of a near thunk (one per far target, see `thunks.rs`).
@@ -290,6 +296,21 @@ mod tests {
         let near_low = site + 5 - (1usize << 31);
         assert!(encode(site, SiteInsn::Call(near_low)).is_some());
         assert_eq!(encode(site, SiteInsn::Call(near_low - 1)), None);
+        for dest in [site + 5, site, far - 1, near_low] {
+            let call = encode(site, SiteInsn::Call(dest)).unwrap();
+            let jmp = encode(site, SiteInsn::Jmp(dest)).unwrap();
+            assert_eq!(
+                (jmp[0], &jmp[1..]),
+                (0xe9, &call[1..]),
+                "same rel32, jmp opcode"
+            );
+            let decoded = decode_one(&jmp, site as u64).expect("one 5-byte instruction");
+            assert_eq!(
+                (decoded.code(), decoded.near_branch64()),
+                (Code::Jmp_rel32_64, dest as u64)
+            );
+        }
+        assert_eq!(encode(site, SiteInsn::Jmp(far)), None);
     }
 
     #[test]

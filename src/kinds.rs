@@ -1,0 +1,119 @@
+//! The kinds of site, and everything that tells them apart: the trampoline entry each kind is
+//! compiled to reach, what its bytes must prove before it is ever written, the five bytes it
+//! holds while unpatched ("home"), and the five bytes it holds for each target. The patcher
+//! (`patcher.rs`) runs the same state table for every kind and asks this module, and only this
+//! module, what differs.
+//!
+//! | kind | entry it calls | home | proof (`arch::x86_64`) | for `f` / null / return-zero |
+//! |---|---|---|---|---|
+//! | `Call`: `static_call!(KEY)(..)` | `static_call_trampoline_v*` | `call <entry>` | `prove_site`: `lea r11, [rip + KEY]`, NOPs, `call <entry>` | `call f` (or its thunk) / NOP5 / RET0 |
+//!
+//! The soundness rule, per kind: a site is only ever written once its own bytes prove which key
+//! it belongs to, *and* that it is of this kind: each kind reaches its own trampoline entry, and
+//! each proof requires that entry, so no kind's proof can accept another kind's site.
+
+use crate::arch::x86_64::{self as arch, Insn, PROLOGUE, SiteInsn, SiteWord, WORD};
+use crate::diagnostics::{Disabled, Reason};
+use crate::key::{RawKey, RawTarget};
+use crate::os::linux;
+use crate::runtime::Runtime;
+use crate::thunks::Thunks;
+
+/// The kind of a site, as the registry stores it (`Slot::kind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub(crate) enum Kind {
+    /// A call site: `static_call!(KEY)(args)`.
+    Call = 0,
+}
+
+impl Kind {
+    /// The kind stored as `n` (registry slots hold only values written from a `Kind`).
+    pub fn from_u32(n: u32) -> Kind {
+        debug_assert_eq!(n, Kind::Call as u32);
+        Kind::Call
+    }
+}
+
+/// What a site's bytes proved: the quadword holding its five bytes, the value read there, and
+/// what the patcher keeps about it (`Slot::aux`; unused by `Call` sites).
+pub(crate) struct Proof {
+    pub at: SiteWord,
+    pub word: u64,
+    pub aux: [u64; 2],
+}
+
+/// The five bytes a site of `kind` at `site` holds while unpatched (as compiled).
+pub(crate) fn home(rt: &Runtime, kind: Kind, site: usize, _aux: [u64; 2]) -> Insn {
+    match kind {
+        Kind::Call => arch::encode(site, SiteInsn::Call(rt.trampoline))
+            .expect("trampoline within rel32 of its sites"),
+    }
+}
+
+/// Checks that `site` is a site of `kind` in our own code, bound to `key`, and still as
+/// compiled.
+pub(crate) fn prove(rt: &Runtime, kind: Kind, site: usize, key: &RawKey) -> Result<Proof, Reason> {
+    match kind {
+        Kind::Call => prove_call(rt, site, key),
+    }
+}
+
+/// What a proven site of `kind` should hold for `target`, and why that is its home, if it is: a
+/// direct call if it reaches, else a call to the target's thunk if it has one
+/// (`Thunks::make_for` ran for it first), else home.
+pub(crate) fn wants(
+    rt: &Runtime,
+    kind: Kind,
+    site: usize,
+    aux: [u64; 2],
+    target: RawTarget,
+    thunks: &Thunks,
+) -> (Insn, Option<Reason>) {
+    let (what, via): (SiteInsn, fn(usize) -> SiteInsn) = match (kind, target) {
+        (Kind::Call, RawTarget::Call(f)) => (SiteInsn::Call(f as usize), SiteInsn::Call),
+        (Kind::Call, RawTarget::Null(_)) => (SiteInsn::Nop, SiteInsn::Call),
+        (Kind::Call, RawTarget::Ret0(_)) => (SiteInsn::Ret0, SiteInsn::Call),
+    };
+    let via_thunk = || match target {
+        RawTarget::Call(f) => arch::encode(site, via(thunks.get(f as usize)?)),
+        _ => None,
+    };
+    match arch::encode(site, what).or_else(via_thunk) {
+        Some(insn) => (insn, None),
+        None => (home(rt, kind, site, aux), Some(Reason::TargetOutOfRange)),
+    }
+}
+
+/// The proof for a call site: its bytes, read from our own code, are `lea r11, [rip + key]`,
+/// NOP padding and `call <trampoline>`, with the call inside one aligned quadword.
+fn prove_call(rt: &Runtime, site: usize, key: &RawKey) -> Result<Proof, Reason> {
+    let object = rt
+        .object
+        .as_ref()
+        .ok_or(Reason::Disabled(Disabled::ObjectNotFound))?;
+    let at = SiteWord::of(site).ok_or(Reason::NotASite)?;
+    let start = site.checked_sub(PROLOGUE).ok_or(Reason::NotASite)?;
+    object
+        .exec_segment(start, at.addr + WORD)
+        .ok_or(Reason::NotASite)?;
+    let mut code = [0u8; PROLOGUE + arch::INSN_LEN];
+    // SAFETY: [start, at.addr + WORD) lies in one of our executable segments, which stay mapped
+    // (our own object is pinned), and `at.addr` is 8-aligned.
+    let word = unsafe {
+        linux::read_code(start, &mut code);
+        linux::read_word(at.addr)
+    };
+    if code[PROLOGUE..] != at.insn(word) {
+        return Err(Reason::ForeignBytes);
+    }
+    let bound = arch::prove_site(&code, start as u64, rt.trampoline as u64)?;
+    if bound != key.addr() as u64 || !object.holds_data(key.addr(), size_of::<RawKey>()) {
+        return Err(Reason::KeyNotProven);
+    }
+    Ok(Proof {
+        at,
+        word,
+        aux: [0; 2],
+    })
+}
