@@ -1,25 +1,32 @@
 /*
- * The static-call trampoline, x86-64 System V.  Pulled in by src/trampoline.rs with global_asm!,
- * which supplies two symbols:
- *   {tramp}  this trampoline; its name carries the crate version (two copies must both link)
- *   {slow}   the Rust slow path: extern "C" fn(key: *const RawKey, ret: usize) -> usize
+ * The static-call trampolines, x86-64 System V.  Pulled in by src/trampoline.rs with
+ * global_asm!, which supplies three symbols:
+ *   {tramp}  the entry of call sites; its name carries the crate version (two copies must link)
+ *   {tail}   the entry of tail (`jmp`) sites, made by `static_call_fn!`
+ *   {slow}   the Rust slow path: extern "C" fn(key: *const RawKey, site: usize, kind: u32)
+ *            -> target
  *
- * Every unpatched static-call site is
- *       lea   r11, [rip + KEY]
- *       <nop padding>
- *       call  {tramp}
- * so on entry:  r11 = the key's address, [rsp] = return address = call site + 5, every argument
- * register (rdi rsi rdx rcx r8 r9, xmm0-7, al for varargs) holds the caller's arguments, and any
- * stack arguments sit above the return address.
+ * An unpatched call site is                 An unpatched tail site (a whole function) is
+ *       lea   r11, [rip + KEY]                    lea   r11, [rip + KEY]
+ *       <nop padding>                             lea   r10, [rip + 1f]
+ *       call  {tramp}                             <nop padding>
+ *                                              1: jmp   {tail}
+ *                                                 ret
+ * so on entry to either: r11 = the key's address, every argument register (rdi rsi rdx rcx r8
+ * r9, xmm0-7, al for varargs) holds the caller's arguments, stack arguments sit above [rsp],
+ * and rsp = 8 (mod 16).  [rsp] is the call site's return address (call site + 5) for {tramp};
+ * for {tail} it is the return address of whoever called the wrapper, and r10 holds the tail
+ * site's own address instead (r10 is neither an argument nor callee-saved under System V).
  *
- * The trampoline saves the argument registers, asks the slow path to register the site and
- * return the key's current target, restores everything and tail-jumps there.  rsp is back at its
- * entry value when it jumps, so the target sees exactly the frame the caller built.
+ * Each entry saves the argument registers, asks the slow path to register the site (with the
+ * entry's kind: the entry a site reached is what says which kind it is) and return the key's
+ * current target, restores everything and tail-jumps there.  rsp is back at its entry value
+ * when it jumps, so the target sees exactly the frame the caller built: for a tail site, the
+ * target returns straight to the wrapper's caller.
  *
  * On exit r11 holds the key's address again, as it does when a patched site calls the target
  * directly (its `lea` ran just before): every target is entered with r11 = its key, whichever
- * way it was reached.  The jump goes through r10, which is neither an argument register nor
- * callee-saved under System V.
+ * way it was reached.  The jump goes through r10.
  *
  * Stack alignment invariant: on entry rsp = 8 (mod 16).  Eight 8-byte pushes keep it 8 (mod 16);
  * the 136-byte area (128 for xmm0-7, 8 of padding) makes it 0 (mod 16), so (1) the movaps stores
@@ -29,13 +36,18 @@
  *
  * CFI is exact at every instruction (CFA = rsp + 8 + bytes pushed), through the final jmp, so
  * debuggers and unwinders can walk out of a target that was entered through here.
+ *
+ * Both entries come from one macro, purged after use: under fat LTO the module-level assembly of
+ * two copies of this crate (two major versions) ends up in one file, where a second definition of
+ * a macro that was not purged would fail to assemble.
  */
-    .pushsection .text.{tramp},"ax",@progbits
-    .globl  {tramp}
-    .hidden {tramp}
-    .type   {tramp},@function
+.macro static_call_entry name, kind, tail
+    .pushsection .text.\name,"ax",@progbits
+    .globl  \name
+    .hidden \name
+    .type   \name,@function
     .p2align 4
-{tramp}:
+\name:
     .cfi_startproc
     push    rdi
     .cfi_adjust_cfa_offset 8
@@ -65,7 +77,13 @@
     movaps  xmmword ptr [rsp + 96], xmm6
     movaps  xmmword ptr [rsp + 112], xmm7
     mov     rdi, r11                    /* key */
+    .if \tail
+    mov     rsi, r10                    /* the tail site's own address */
+    .else
     mov     rsi, qword ptr [rsp + 200]  /* return address: 136 (xmm, pad) + 8 * 8 (pushes) */
+    sub     rsi, 5                      /* the call instruction before it */
+    .endif
+    mov     edx, \kind
     call    {slow}
     mov     r10, rax                    /* target: r10 is neither an argument nor callee-saved */
     movaps  xmm0, xmmword ptr [rsp + 0]
@@ -96,5 +114,10 @@
     .cfi_adjust_cfa_offset -8
     jmp     r10
     .cfi_endproc
-    .size   {tramp}, . - {tramp}
+    .size   \name, . - \name
     .popsection
+.endm
+
+    static_call_entry {tramp}, {call_kind}, 0
+    static_call_entry {tail}, {tail_kind}, 1
+.purgem static_call_entry

@@ -7,12 +7,15 @@
 //! | kind | entry it calls | home | proof (`arch::x86_64`) | for `f` / null / return-zero |
 //! |---|---|---|---|---|
 //! | `Call`: `static_call!(KEY)(..)` | `static_call_trampoline_v*` | `call <entry>` | `prove_site`: `lea r11, [rip + KEY]`, NOPs, `call <entry>` | `call f` (or its thunk) / NOP5 / RET0 |
+//! | `Tail`: `static_call_fn!` | `static_call_tail_trampoline_v*` | `jmp <entry>` | `prove_tail_site`: `lea r11, [rip + KEY]`, `lea r10, [rip + site]`, NOPs, `jmp <entry>`, `ret` | `jmp f` (or its thunk) / NOP5 / RET0, each followed by the `ret` |
 //!
 //! The soundness rule, per kind: a site is only ever written once its own bytes prove which key
 //! it belongs to, *and* that it is of this kind: each kind reaches its own trampoline entry, and
 //! each proof requires that entry, so no kind's proof can accept another kind's site.
 
-use crate::arch::x86_64::{self as arch, Insn, PROLOGUE, SiteInsn, SiteWord, WORD};
+use crate::arch::x86_64::{
+    self as arch, Insn, PROLOGUE, SiteInsn, SiteWord, TAIL_CODE, TAIL_PROLOGUE, WORD,
+};
 use crate::diagnostics::{Disabled, Reason};
 use crate::key::{RawKey, RawTarget};
 use crate::os::linux;
@@ -25,13 +28,18 @@ use crate::thunks::Thunks;
 pub(crate) enum Kind {
     /// A call site: `static_call!(KEY)(args)`.
     Call = 0,
+    /// A tail site: the body of a `static_call_fn!` wrapper.
+    Tail = 1,
 }
 
 impl Kind {
-    /// The kind stored as `n` (registry slots hold only values written from a `Kind`).
+    /// The kind stored as `n` (registry slots and trampoline entries hold only values written
+    /// from a `Kind`).
     pub fn from_u32(n: u32) -> Kind {
-        debug_assert_eq!(n, Kind::Call as u32);
-        Kind::Call
+        match n {
+            1 => Kind::Tail,
+            _ => Kind::Call,
+        }
     }
 }
 
@@ -45,10 +53,11 @@ pub(crate) struct Proof {
 
 /// The five bytes a site of `kind` at `site` holds while unpatched (as compiled).
 pub(crate) fn home(rt: &Runtime, kind: Kind, site: usize, _aux: [u64; 2]) -> Insn {
-    match kind {
-        Kind::Call => arch::encode(site, SiteInsn::Call(rt.trampoline))
-            .expect("trampoline within rel32 of its sites"),
-    }
+    let entry = match kind {
+        Kind::Call => SiteInsn::Call(rt.trampoline),
+        Kind::Tail => SiteInsn::Jmp(rt.tail_trampoline),
+    };
+    arch::encode(site, entry).expect("trampoline within rel32 of its sites")
 }
 
 /// Checks that `site` is a site of `kind` in our own code, bound to `key`, and still as
@@ -56,6 +65,7 @@ pub(crate) fn home(rt: &Runtime, kind: Kind, site: usize, _aux: [u64; 2]) -> Ins
 pub(crate) fn prove(rt: &Runtime, kind: Kind, site: usize, key: &RawKey) -> Result<Proof, Reason> {
     match kind {
         Kind::Call => prove_call(rt, site, key),
+        Kind::Tail => prove_tail(rt, site, key),
     }
 }
 
@@ -74,6 +84,9 @@ pub(crate) fn wants(
         (Kind::Call, RawTarget::Call(f)) => (SiteInsn::Call(f as usize), SiteInsn::Call),
         (Kind::Call, RawTarget::Null(_)) => (SiteInsn::Nop, SiteInsn::Call),
         (Kind::Call, RawTarget::Ret0(_)) => (SiteInsn::Ret0, SiteInsn::Call),
+        (Kind::Tail, RawTarget::Call(f)) => (SiteInsn::Jmp(f as usize), SiteInsn::Jmp),
+        (Kind::Tail, RawTarget::Null(_)) => (SiteInsn::Nop, SiteInsn::Jmp),
+        (Kind::Tail, RawTarget::Ret0(_)) => (SiteInsn::Ret0, SiteInsn::Jmp),
     };
     let via_thunk = || match target {
         RawTarget::Call(f) => arch::encode(site, via(thunks.get(f as usize)?)),
@@ -88,26 +101,55 @@ pub(crate) fn wants(
 /// The proof for a call site: its bytes, read from our own code, are `lea r11, [rip + key]`,
 /// NOP padding and `call <trampoline>`, with the call inside one aligned quadword.
 fn prove_call(rt: &Runtime, site: usize, key: &RawKey) -> Result<Proof, Reason> {
+    read_and_prove(rt, site, key, PROLOGUE, arch::INSN_LEN, |code, start| {
+        arch::prove_site(code, start, rt.trampoline as u64)
+    })
+}
+
+/// The proof for a tail site: `lea r11, [rip + key]`, `lea r10, [rip + site]`, NOP padding,
+/// `jmp <tail entry>` inside one aligned quadword, and `ret`.
+fn prove_tail(rt: &Runtime, site: usize, key: &RawKey) -> Result<Proof, Reason> {
+    read_and_prove(
+        rt,
+        site,
+        key,
+        TAIL_PROLOGUE,
+        arch::INSN_LEN + 1,
+        |code, start| arch::prove_tail_site(code, start, rt.tail_trampoline as u64),
+    )
+}
+
+/// Reads `before` bytes before `site` and `after` from it, all inside our own code, checks that
+/// the site's five bytes lie in one aligned quadword and are what was read, and has `prove`
+/// say which key the code binds, which must be `key`, in our own object.
+fn read_and_prove(
+    rt: &Runtime,
+    site: usize,
+    key: &RawKey,
+    before: usize,
+    after: usize,
+    prove: impl FnOnce(&[u8], u64) -> Result<u64, Reason>,
+) -> Result<Proof, Reason> {
     let object = rt
         .object
         .as_ref()
         .ok_or(Reason::Disabled(Disabled::ObjectNotFound))?;
     let at = SiteWord::of(site).ok_or(Reason::NotASite)?;
-    let start = site.checked_sub(PROLOGUE).ok_or(Reason::NotASite)?;
-    object
-        .exec_segment(start, at.addr + WORD)
-        .ok_or(Reason::NotASite)?;
-    let mut code = [0u8; PROLOGUE + arch::INSN_LEN];
-    // SAFETY: [start, at.addr + WORD) lies in one of our executable segments, which stay mapped
-    // (our own object is pinned), and `at.addr` is 8-aligned.
+    let start = site.checked_sub(before).ok_or(Reason::NotASite)?;
+    let end = (site + after).max(at.addr + WORD);
+    object.exec_segment(start, end).ok_or(Reason::NotASite)?;
+    let mut code = [0u8; TAIL_CODE];
+    let code = &mut code[..before + after];
+    // SAFETY: [start, end) lies in one of our executable segments, which stay mapped (our own
+    // object is pinned), and `at.addr` is 8-aligned.
     let word = unsafe {
-        linux::read_code(start, &mut code);
+        linux::read_code(start, code);
         linux::read_word(at.addr)
     };
-    if code[PROLOGUE..] != at.insn(word) {
+    if code[before..before + arch::INSN_LEN] != at.insn(word) {
         return Err(Reason::ForeignBytes);
     }
-    let bound = arch::prove_site(&code, start as u64, rt.trampoline as u64)?;
+    let bound = prove(code, start as u64)?;
     if bound != key.addr() as u64 || !object.holds_data(key.addr(), size_of::<RawKey>()) {
         return Err(Reason::KeyNotProven);
     }

@@ -53,6 +53,7 @@ mod diagnostics;
 mod key;
 mod macros;
 mod site;
+mod tail;
 
 #[cfg(static_call_patching)]
 mod arch {
@@ -214,8 +215,9 @@ pub mod __private {
     pub use crate::site::{
         Arg, Class, Cursor, Regs, Ret, RetVal, Site, SiteId, check_signature, site_id,
     };
+    pub use crate::tail::same_signature;
     #[cfg(static_call_patching)]
-    pub use crate::trampoline::trampoline;
+    pub use crate::trampoline::{tail_trampoline, trampoline};
 
     /// The site verifier, for property tests: see `arch::x86_64::prove_site`.
     #[cfg(static_call_patching)]
@@ -225,6 +227,15 @@ pub mod __private {
     /// Bytes before the `call` that `prove_site` reads.
     #[cfg(static_call_patching)]
     pub const SITE_PROLOGUE: usize = crate::arch::x86_64::PROLOGUE;
+
+    /// The tail-site verifier, for property tests: see `arch::x86_64::prove_tail_site`.
+    #[cfg(static_call_patching)]
+    pub fn prove_tail_site(code: &[u8], start: u64, entry: u64) -> Result<u64, crate::Reason> {
+        crate::arch::x86_64::prove_tail_site(code, start, entry)
+    }
+    /// Bytes before a tail site's `jmp` that `prove_tail_site` reads.
+    #[cfg(static_call_patching)]
+    pub const TAIL_PROLOGUE: usize = crate::arch::x86_64::TAIL_PROLOGUE;
 
     /// Fault injection into the code writer, for this crate's own tests (see `os/faults.rs`).
     #[cfg(all(static_call_patching, feature = "fault-injection"))]

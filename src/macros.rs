@@ -300,23 +300,36 @@ macro_rules! static_call {
         <$key as $crate::StaticCallKey>::__site::<__StaticCallSite>()
     }};
     ($($key:tt)+) => {
-        $crate::__static_call_split!([] $($key)+)
+        $crate::__static_call_split!(__static_call_site {} [] $($key)+)
     };
 }
 
+/// Splits a key expression into the static it lives in and the path to the key, then hands
+/// both to the macro `$then` (after the tokens `$with`): `$then!($with [BASE] [KEY])`.
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __static_call_split {
     // `BASE.field...`: a key that is a field of the static BASE.
-    ([$($base:tt)+] . $($field:tt)+) => {
-        $crate::__static_call_site!([$($base)+] [$($base)+ . $($field)+])
+    // (Braces, so that the expansion works where an item is expected as well as an expression.)
+    ($then:ident $with:tt [$($base:tt)+] . $($field:tt)+) => {
+        $crate::$then! { $with [$($base)+] [$($base)+ . $($field)+] }
     };
-    ([$($path:tt)*] $next:tt $($rest:tt)*) => {
-        $crate::__static_call_split!([$($path)* $next] $($rest)*)
+    ($then:ident $with:tt [$($path:tt)*] $next:tt $($rest:tt)*) => {
+        $crate::__static_call_split! { $then $with [$($path)* $next] $($rest)* }
     };
     // `PATH`: a key that is a static itself.
-    ([$($path:tt)+]) => {
-        $crate::__static_call_site!([$($path)+] [$($path)+])
+    ($then:ident $with:tt [$($path:tt)+]) => {
+        $crate::$then! { $with [$($path)+] [$($path)+] }
+    };
+}
+
+/// The constant offset of the key `$key` inside the static `$base` (0 when it is the static).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __static_call_offset {
+    ([$($base:tt)+] [$($key:tt)+]) => {
+        // SAFETY: both pointers are into the same static.
+        unsafe { (&raw const $($key)+).byte_offset_from(&raw const $($base)+) as usize }
     };
 }
 
@@ -324,7 +337,7 @@ macro_rules! __static_call_split {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __static_call_site {
-    ([$($base:tt)+] [$($key:tt)+]) => {{
+    ({} [$($base:tt)+] [$($key:tt)+]) => {{
         struct __StaticCallSite;
         // SAFETY: the asm block binds the key (the static plus the key's offset in it) and
         // `key_site` gives the shim the signature of the key's type.
@@ -338,8 +351,7 @@ macro_rules! __static_call_site {
             unsafe fn invoke(regs: $crate::__private::Regs) -> $crate::__private::Ret {
                 $crate::__site_asm!(
                     $($base)+,
-                    // SAFETY: both pointers are into the same static.
-                    unsafe { (&raw const $($key)+).byte_offset_from(&raw const $($base)+) as usize },
+                    $crate::__static_call_offset!([$($base)+] [$($key)+]),
                     $crate::__private::site_id(::core::file!(), ::core::line!(), ::core::column!()),
                     regs
                 )

@@ -35,7 +35,9 @@ pub(crate) struct Runtime {
     /// Our own object, if it was found (patching is off otherwise).
     pub object: Option<Object>,
     pub page: usize,
+    /// The trampoline's entry for call sites, and for tail sites.
     pub trampoline: usize,
+    pub tail_trampoline: usize,
 }
 
 static RUNTIME: OnceBox<Runtime> = OnceBox::new();
@@ -171,6 +173,7 @@ fn build() -> Runtime {
         object,
         page,
         trampoline,
+        tail_trampoline: trampoline::tail_address(),
     }
 }
 

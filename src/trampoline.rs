@@ -1,7 +1,9 @@
-//! The trampoline (`asm/trampoline_x86_64.S`) and its slow path.
+//! The trampolines (`asm/trampoline_x86_64.S`) and their slow path.
 //!
-//! Every unpatched site calls the trampoline with its key in r11. The slow path registers the
-//! site and returns the key's current target, which the trampoline tail-jumps to. The slow path
+//! Every unpatched call site calls the trampoline with its key in r11; every unpatched tail site
+//! (`static_call_fn!`) jumps to the tail entry with its key in r11 and its own address in r10.
+//! The slow path registers the site, as the kind its entry says, and returns the key's current
+//! target, which the entry tail-jumps to. The slow path
 //! runs in whatever context the caller is in, a signal handler included, so once the library is
 //! initialised it takes no lock, allocates nothing and never waits: one probe of the registry,
 //! at most one compare-exchange, one queue push and one futex wake.
@@ -29,12 +31,25 @@ unsafe extern "C" {
         env!("CARGO_PKG_VERSION_PATCH")
     )]
     pub fn trampoline();
+
+    /// The entry of tail sites (`static_call_fn!`): like `trampoline`, with the site's own
+    /// address in r10 (its return address belongs to the wrapper's caller).
+    #[link_name = concat!(
+        "static_call_tail_trampoline_v",
+        env!("CARGO_PKG_VERSION_MAJOR"), "_",
+        env!("CARGO_PKG_VERSION_MINOR"), "_",
+        env!("CARGO_PKG_VERSION_PATCH")
+    )]
+    pub fn tail_trampoline();
 }
 
 core::arch::global_asm!(
     include_str!("../asm/trampoline_x86_64.S"),
     tramp = sym trampoline,
+    tail = sym tail_trampoline,
     slow = sym slow_path,
+    call_kind = const Kind::Call as u32,
+    tail_kind = const Kind::Tail as u32,
 );
 
 /// The trampoline's address.
@@ -42,19 +57,21 @@ pub(crate) fn address() -> usize {
     trampoline as *const () as usize
 }
 
-/// Length of the `call rel32` that enters the trampoline.
-const CALL_LEN: usize = 5;
+/// The tail entry's address.
+pub(crate) fn tail_address() -> usize {
+    tail_trampoline as *const () as usize
+}
 
-/// Called by the trampoline with the key from r11 and its own return address.
+/// Called by a trampoline entry with the key from r11, the site's address and the entry's kind.
 ///
 /// # Safety
 /// `key` must point to a live key (every site passes the address of a `static`).
-unsafe extern "C" fn slow_path(key: *const RawKey, ret: usize) -> *const () {
+unsafe extern "C" fn slow_path(key: *const RawKey, site: usize, kind: u32) -> *const () {
     // SAFETY: by the trampoline's contract r11 held the address of a key, and keys are statics
     // (or fields of statics), so the reference is valid for 'static.
     let key: &'static RawKey = unsafe { &*key };
     alignment_canary();
-    register(key, ret.wrapping_sub(CALL_LEN), Kind::Call);
+    register(key, site, Kind::from_u32(kind));
     key.func()
 }
 

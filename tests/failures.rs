@@ -25,6 +25,7 @@ use common::{
     trampoline,
 };
 use static_call::__private::faults::{self, Point, Step};
+use static_call::static_call_fn;
 use static_call::{
     Batch, Disabled, Error, ErrorKind, Reason, SiteInfo, SiteState, StaticCall, Target,
     WorkerStatus, define_static_call, static_call,
@@ -60,6 +61,7 @@ define_static_call!(B: extern "C" fn(u64) -> u64 = dbl);
 define_static_call!(H: extern "C" fn(u64) = note);
 define_static_call!(Z: extern "C" fn(u64) -> u64 = inc);
 define_static_call!(F: unsafe extern "C" fn(*const c_char) -> usize = my_strlen);
+static_call_fn!(unsafe fn f_tail(s: *const c_char) -> usize = F);
 
 /// Two sites of `K`: 2x + 3 with `inc`, 4x + 2 with `dbl`.
 #[inline(never)]
@@ -81,7 +83,7 @@ fn every_key(x: u64) -> [u64; 5] {
     static_call!(H)(x);
     let z = static_call!(Z)(x);
     // SAFETY: a NUL-terminated string.
-    let f = unsafe { static_call!(F)(c"hello".as_ptr()) } as u64;
+    let f = unsafe { static_call!(F)(c"hello".as_ptr()) + f_tail(c"tail".as_ptr()) } as u64;
     [a, b, HOOKED.swap(0, Ordering::Relaxed), z, f]
 }
 
@@ -96,7 +98,7 @@ fn every_key_expected(x: u64) -> [u64; 5] {
         Target::ReturnZero => 0,
         _ => Z.query()(x),
     };
-    [a(x) + a(x + 1), B.query()(x), hooked, z, 5]
+    [a(x) + a(x + 1), B.query()(x), hooked, z, 9]
 }
 
 // --- checking sites against their keys -------------------------------------------------------
@@ -120,11 +122,25 @@ fn expect<F: Copy>(key: &StaticCall<F>) -> Expect {
 const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
 const RET0: [u8; 5] = [0x2e, 0x2e, 0x2e, 0x31, 0xc0];
 
-/// Whether the site's bytes do what its key says: call the target (directly or through its
-/// thunk), be the NOP or the `xor` of a null or return-zero key, or call the trampoline.
+/// Whether the site is at home: a call site calling the trampoline, a tail site jumping to the
+/// tail entry.
+fn at_home(site: usize) -> bool {
+    let tail_entry = common::tail_entry();
+    let insn = common::decode(site);
+    let to = insn.near_branch64() as usize;
+    match insn.code() {
+        iced_x86::Code::Call_rel32_64 => to == trampoline(),
+        iced_x86::Code::Jmp_rel32_64 => to == tail_entry,
+        _ => false,
+    }
+}
+
+/// Whether the site's bytes do what its key says: call (or, a tail site, jump to) the target,
+/// directly or through its thunk, be the NOP or the `xor` of a null or return-zero key, or be at
+/// home.
 fn agrees(site: usize, want: Expect) -> bool {
     let bytes = read(site, 5);
-    if common::call_target(site) == Some(trampoline()) {
+    if at_home(site) {
         return true;
     }
     match want {
@@ -143,7 +159,7 @@ fn assert_reported_truly(s: &SiteInfo, want: Expect) {
         Some(bytes),
         "{s:?}: sites() must report the bytes there"
     );
-    let on_trampoline = common::call_target(s.address) == Some(trampoline());
+    let on_trampoline = at_home(s.address);
     match s.state {
         SiteState::Trampoline(_) => assert!(on_trampoline, "{s:?} says trampoline"),
         SiteState::Patched => assert!(
@@ -515,8 +531,10 @@ scenario! {
 
 scenario! {
     /// `mprotect` failing with ENOMEM (near `vm.max_map_count`) may pass: patching stays on, the
-    /// site says why it waits, and the worker tries again after a back-off and patches it.
-    fn a_transient_mprotect_failure_is_retried_later() {
+    /// sites say why they wait, and they are tried again after a back-off (here, with no worker,
+    /// by the next `flush` once the back-off has passed).
+    fn a_transient_mprotect_failure_is_retried_later() env ["STATIC_CALL_SECCOMP" = "allow"] {
+        no_worker();
         faults::reset();
         faults::arm(Step::Protect, 1, libc::ENOMEM);
         assert_eq!(two_sites(1), 5);
@@ -528,6 +546,26 @@ scenario! {
                 == SiteState::Trampoline(Reason::WriteFailed { errno: libc::ENOMEM })),
             "{waiting:?}"
         );
+        static_call::flush();
+        assert_eq!(K.sites(), waiting, "not before the back-off has passed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        static_call::flush();
+        assert_consistent(&k_sites(), None);
+        assert!(K.sites().iter().all(|s| s.state == SiteState::Patched));
+        assert_eq!(two_sites(1), 5);
+    }
+}
+
+scenario! {
+    /// The same with the worker: it sleeps until the back-off has passed, then patches the sites
+    /// on its own. An update meeting the same failure is refused as a whole, and patching stays
+    /// on.
+    fn the_worker_retries_a_transient_mprotect_failure() {
+        faults::reset();
+        faults::arm(Step::Protect, 1, libc::ENOMEM);
+        assert_eq!(two_sites(1), 5);
+        static_call::flush();
+        assert_eq!(static_call::status().patching, Ok(()));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while K.sites().iter().any(|s| s.state != SiteState::Patched) {
             assert!(std::time::Instant::now() < deadline, "never retried: {:?}", K.sites());

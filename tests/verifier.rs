@@ -749,3 +749,247 @@ fn lea_swallowed_by_an_earlier_instruction_proves_nothing() {
         c.hex()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Tail sites (`static_call_fn!`): the same property for `prove_tail_site`, with an oracle of its
+// own, and neither proof accepting the other kind's site.
+//
+// A tail site is `lea r11, [rip + key]`, `lea r10, [rip + J]` (J: the address of the jmp), NOPs
+// (0..=4 bytes), `E9 rel32` to exactly the tail entry at J, then `C3`; exactly one padding
+// length may decode.
+
+/// Bytes before the jmp: two `lea`s and the most padding.
+const TPRO: usize = 2 * LEA_LEN + MAX_PAD;
+const _: () = assert!(static_call::__private::TAIL_PROLOGUE == TPRO);
+/// Length of a tail input: prologue, the jmp and the ret.
+const TLEN: usize = TPRO + 5 + 1;
+
+#[derive(Clone, Copy)]
+struct TailCase {
+    code: [u8; TLEN],
+    start: u64,
+    entry: u64,
+}
+
+impl TailCase {
+    fn hex(&self) -> String {
+        let mut s = String::new();
+        for (i, b) in self.code.iter().enumerate() {
+            if i == TPRO || i == TPRO + 5 {
+                s.push('|');
+            }
+            write!(s, "{b:02x}").unwrap();
+        }
+        format!("code {s} start {:#x} entry {:#x}", self.start, self.entry)
+    }
+}
+
+/// The tail oracle, on bytes only.
+fn tail_oracle(c: &TailCase) -> Verdict {
+    let code = &c.code;
+    let jmp_at = c.start + TPRO as u64;
+    let rel = i32::from_le_bytes(code[TPRO + 1..TPRO + 5].try_into().unwrap());
+    let dest = (jmp_at + 5).wrapping_add(rel as i64 as u64);
+    if code[TPRO] != 0xe9 || dest != c.entry || code[TPRO + 5] != 0xc3 {
+        return Verdict::NotASite;
+    }
+    let mut bindings = Vec::new();
+    for pad in 0..=MAX_PAD {
+        let at = TPRO - 2 * LEA_LEN - pad;
+        let (key_lea, rest) = code[at..TPRO].split_at(LEA_LEN);
+        let (site_lea, padding) = rest.split_at(LEA_LEN);
+        let lea_to = |lea: &[u8], modrm: u8, end: usize| {
+            (is_lea_r11_rex(lea[0]) && lea[1] == 0x8d && lea[2] == modrm).then(|| {
+                let disp = i32::from_le_bytes(lea[3..].try_into().unwrap());
+                (c.start + end as u64).wrapping_add(disp as i64 as u64)
+            })
+        };
+        // `4C..4F 8D 15` is `lea r10, [rip + disp32]` (REX.R with reg 010).
+        let key = lea_to(key_lea, 0x1d, at + LEA_LEN);
+        let site = lea_to(site_lea, 0x15, at + 2 * LEA_LEN);
+        if let (Some(key), Some(site)) = (key, site)
+            && site == jmp_at
+            && all_nops(padding)
+        {
+            let canonical = key_lea[0] == 0x4c && site_lea[0] == 0x4c && llvm_padding(padding);
+            bindings.push(Verdict::Site { key, canonical });
+        }
+    }
+    match bindings[..] {
+        [one] => one,
+        _ => Verdict::NotProven,
+    }
+}
+
+/// A real tail site with `pad`, after int3s or random bytes; the case and its key.
+fn real_tail_site(rng: &mut Rng, pad: &[u8], random_filler: bool) -> (TailCase, u64) {
+    let jmp_at = rng.call_at();
+    let start = jmp_at - TPRO as u64;
+    let entry = (jmp_at + 5).wrapping_add(rng.next() as i32 as i64 as u64);
+    let mut code = [0xcc; TLEN];
+    if random_filler {
+        code.iter_mut().for_each(|b| *b = rng.byte());
+    }
+    let at = TPRO - 2 * LEA_LEN - pad.len();
+    let disp = rng.next() as i32;
+    code[at..at + 3].copy_from_slice(&[0x4c, 0x8d, 0x1d]);
+    code[at + 3..at + LEA_LEN].copy_from_slice(&disp.to_le_bytes());
+    code[at + LEA_LEN..at + LEA_LEN + 3].copy_from_slice(&[0x4c, 0x8d, 0x15]);
+    // lea r10 ends right before the padding; its disp32 is the padding's length.
+    code[at + LEA_LEN + 3..at + 2 * LEA_LEN].copy_from_slice(&(pad.len() as i32).to_le_bytes());
+    code[TPRO - pad.len()..TPRO].copy_from_slice(pad);
+    let rel = i32::try_from(entry.wrapping_sub(jmp_at + 5) as i64).unwrap();
+    code[TPRO] = 0xe9;
+    code[TPRO + 1..TPRO + 5].copy_from_slice(&rel.to_le_bytes());
+    code[TPRO + 5] = 0xc3;
+    let key = (start + (at + LEA_LEN) as u64).wrapping_add(disp as i64 as u64);
+    (TailCase { code, start, entry }, key)
+}
+
+/// Checks the tail verifier on `c` against the tail oracle; panics on any unsound answer.
+fn check_tail(
+    counts: &mut BTreeMap<&'static str, (u64, u64)>,
+    category: &'static str,
+    c: &TailCase,
+) {
+    let got = static_call::__private::prove_tail_site(&c.code, c.start, c.entry);
+    let want = tail_oracle(c);
+    let fail = |what: &str| -> ! {
+        panic!(
+            "{what} [{category}]\n  {}\n  verifier: {got:x?}\n  oracle:   {want:x?}",
+            c.hex()
+        )
+    };
+    let entry = counts.entry(category).or_default();
+    match (got, want) {
+        (Ok(k), Verdict::Site { key, .. }) if k == key => entry.0 += 1,
+        (Ok(_), _) => fail("UNSOUND: the tail verifier proved a key the bytes do not prove"),
+        (Err(Reason::NotASite), Verdict::NotASite) => entry.1 += 1,
+        (Err(Reason::NotASite), _) | (_, Verdict::NotASite) => {
+            fail("the tail verifier's jmp check disagrees with the oracle")
+        }
+        (
+            Err(Reason::KeyNotProven),
+            Verdict::Site {
+                canonical: true, ..
+            },
+        ) => fail("the tail verifier rejects a site spelt exactly as LLVM spells ours"),
+        (Err(Reason::KeyNotProven), _) => entry.1 += 1,
+        (Err(other), _) => fail(&format!("unexpected reason {other:?}")),
+    }
+}
+
+#[test]
+fn tail_verifier_accepts_only_proven_tail_sites_and_no_kind_passes_for_another() {
+    let iters = env_u64("STATIC_CALL_FUZZ_ITERS", DEFAULT_ITERS) / 4;
+    let seed = env_u64("STATIC_CALL_FUZZ_SEED", DEFAULT_SEED) ^ 0x7a11;
+    let mut rng = Rng(seed);
+    let mut counts = BTreeMap::new();
+    for pad in LLVM_PADS {
+        for random_filler in [false, true] {
+            for _ in 0..iters / 10 {
+                let (c, key) = real_tail_site(&mut rng, pad, random_filler);
+                check_tail(&mut counts, "real tail site", &c);
+                if tail_oracle(&c)
+                    == (Verdict::Site {
+                        key,
+                        canonical: true,
+                    })
+                {
+                    assert_eq!(
+                        static_call::__private::prove_tail_site(&c.code, c.start, c.entry),
+                        Ok(key),
+                        "{}",
+                        c.hex()
+                    );
+                }
+            }
+        }
+        // Every single-byte change at every position.
+        let (c, _) = real_tail_site(&mut rng, pad, false);
+        for pos in 0..TLEN {
+            for b in 0..=255u8 {
+                let mut m = c;
+                m.code[pos] = b;
+                check_tail(&mut counts, "tail: 1-byte change", &m);
+            }
+        }
+    }
+    for _ in 0..iters {
+        // Random multi-byte changes of real sites, and uniformly random bytes.
+        let (pad, filler) = (rng.pick(&LLVM_PADS), rng.chance(2));
+        let (mut c, _) = real_tail_site(&mut rng, pad, filler);
+        for _ in 0..1 + rng.below(4) {
+            c.code[rng.below(TLEN)] = rng.byte();
+        }
+        check_tail(&mut counts, "tail: random changes", &c);
+        let mut r = c;
+        r.code.iter_mut().for_each(|b| *b = rng.byte());
+        check_tail(&mut counts, "tail: random bytes", &r);
+
+        // No kind passes for another: a call site's bytes are never a tail site (with either
+        // entry), and a tail site's bytes are never a call site.
+        let (pad, filler) = (rng.pick(&LLVM_PADS), rng.chance(2));
+        let (call, _) = real_site(&mut rng, pad, filler);
+        let mut as_tail = TailCase {
+            code: [0xcc; TLEN],
+            start: call.start + PRO as u64 - TPRO as u64,
+            entry: call.tramp,
+        };
+        as_tail.code[TPRO - PRO..TPRO + 5].copy_from_slice(&call.code);
+        let after = rng.byte();
+        as_tail.code[TPRO + 5] = rng.pick(&[0xc3, after]);
+        assert!(
+            static_call::__private::prove_tail_site(&as_tail.code, as_tail.start, as_tail.entry)
+                .is_err(),
+            "a call site proven as a tail site: {}",
+            as_tail.hex()
+        );
+        let (pad, filler) = (rng.pick(&LLVM_PADS), rng.chance(2));
+        let (tail, _) = real_tail_site(&mut rng, pad, filler);
+        let as_call = Case {
+            code: tail.code[TPRO - PRO..TPRO + 5].try_into().unwrap(),
+            start: tail.start + TPRO as u64 - PRO as u64,
+            tramp: tail.entry,
+        };
+        assert!(
+            prove_site(&as_call.code, as_call.start, as_call.tramp).is_err(),
+            "a tail site proven as a call site: {}",
+            as_call.hex()
+        );
+    }
+    eprintln!("tail verifier: seed {seed:#x}, {iters} random cases per category");
+    for (name, (accepted, rejected)) in &counts {
+        eprintln!("  {name:<24} accepted {accepted:>8} rejected {rejected:>8}");
+    }
+    assert!(counts["real tail site"].0 > 0, "no real tail site accepted");
+    assert!(counts["tail: 1-byte change"].0 > 0 && counts["tail: 1-byte change"].1 > 0);
+}
+
+/// The tail oracle itself, on inputs whose answer is known.
+#[test]
+fn tail_oracle_knows_tail_sites_from_non_sites() {
+    let mut rng = Rng(2);
+    for pad in LLVM_PADS {
+        let (c, key) = real_tail_site(&mut rng, pad, false);
+        assert_eq!(
+            tail_oracle(&c),
+            Verdict::Site {
+                key,
+                canonical: true
+            }
+        );
+        let mut no_ret = c;
+        no_ret.code[TPRO + 5] = 0x90;
+        assert_eq!(tail_oracle(&no_ret), Verdict::NotASite);
+        let mut call = c;
+        call.code[TPRO] = 0xe8;
+        assert_eq!(tail_oracle(&call), Verdict::NotASite);
+        let mut wrong_site = c;
+        wrong_site.code[TPRO - pad.len() - 4] ^= 1; // lea r10's disp32: not the jmp any more
+        assert_eq!(tail_oracle(&wrong_site), Verdict::NotProven);
+        let mut r11_twice = c;
+        r11_twice.code[TPRO - pad.len() - 5] = 0x1d;
+        assert_eq!(tail_oracle(&r11_twice), Verdict::NotProven);
+    }
+}

@@ -14,9 +14,19 @@
 //! call starts at offset 0, 1, 2 or 3 of its quadword, and its five bytes always fit in it. Half
 //! the sites need no padding at all (a plain `.p2align 3` would pad 7 sites in 8).
 //!
-//! Only the five bytes at `C` are ever rewritten, and always into one instruction of five bytes
-//! (never two: a thread preempted between two instructions would resume inside the next
-//! rewrite's rel32).
+//! A tail site, as `static_call_fn!` emits it (a whole naked function):
+//!
+//! ```text
+//! J - 14 - p: 4C 8D 1D d32     lea  r11, [rip + KEY]   the key binding (7 bytes)
+//! J - 7 - p:  4C 8D 15 d32     lea  r10, [rip + J]     the site's own address, for the entry
+//! J - p:      <p bytes of NOP> padding, 0 <= p <= 4
+//! J:          E9 r32           jmp  <tail entry>       J = 0..=3 (mod 8)
+//! J + 5:      C3               ret                     reached when the jmp is a NOP or `xor`
+//! ```
+//!
+//! Only the five bytes at `C` (or `J`) are ever rewritten, and always into one instruction of
+//! five bytes (never two: a thread preempted between two instructions would resume inside the
+//! next rewrite's rel32).
 
 use iced_x86::{Code, Decoder, DecoderOptions, Mnemonic, OpKind, Register};
 
@@ -30,6 +40,10 @@ const LEA_LEN: usize = 7;
 const MAX_PAD: usize = 4;
 /// Bytes the verifier reads before the call: the longest `lea` + padding.
 pub const PROLOGUE: usize = LEA_LEN + MAX_PAD;
+/// Bytes the verifier reads before a tail site's `jmp`: two `lea`s + padding.
+pub const TAIL_PROLOGUE: usize = 2 * LEA_LEN + MAX_PAD;
+/// Bytes the verifier reads of a tail site: its prologue, the `jmp` and the `ret` after it.
+pub const TAIL_CODE: usize = TAIL_PROLOGUE + INSN_LEN + 1;
 /// Size (and alignment) of the word that is swapped to rewrite a site.
 pub const WORD: usize = 8;
 
@@ -49,7 +63,6 @@ pub enum SiteInsn {
     /// `call dest`.
     Call(usize),
     /// `jmp dest`.
-    #[allow(dead_code)] // Tail sites (`static_call_fn!`) are next.
     Jmp(usize),
     /// Nothing (a key with no target).
     Nop,
@@ -190,30 +203,87 @@ pub fn prove_site(code: &[u8], start: u64, trampoline: u64) -> Result<u64, Reaso
     proven.ok_or(Reason::KeyNotProven)
 }
 
+/// Proves that `code` is one of our tail sites (`static_call_fn!`) and returns the key it binds.
+///
+/// `code` holds the `TAIL_PROLOGUE` bytes before the `jmp`, its five bytes and one more; its
+/// first byte is at address `start`. The proof:
+/// 1. the five bytes are `jmp entry` (the tail entry: only a tail site jumps there) and the
+///    byte after them is `ret`;
+/// 2. for exactly one padding length, the bytes before the `jmp` decode as `lea r11, [rip +
+///    disp32]`, then `lea r10, [rip + disp32]` computing the `jmp`'s own address, then nothing
+///    but NOPs.
+///
+/// As for call sites, a naked function is indivisible to the compiler: the only way into it is
+/// its first instruction, the key's `lea`.
+pub fn prove_tail_site(code: &[u8], start: u64, entry: u64) -> Result<u64, Reason> {
+    if code.len() != TAIL_CODE {
+        return Err(Reason::NotASite);
+    }
+    let jmp_at = start
+        .checked_add(TAIL_PROLOGUE as u64)
+        .ok_or(Reason::NotASite)?;
+    let jmp = decode_one(&code[TAIL_PROLOGUE..TAIL_PROLOGUE + INSN_LEN], jmp_at)
+        .ok_or(Reason::NotASite)?;
+    if jmp.code() != Code::Jmp_rel32_64 || jmp.near_branch64() != entry {
+        return Err(Reason::NotASite);
+    }
+    if code[TAIL_PROLOGUE + INSN_LEN] != 0xc3 {
+        return Err(Reason::NotASite);
+    }
+    let mut proven = None;
+    for pad in 0..=MAX_PAD {
+        let from = TAIL_PROLOGUE - 2 * LEA_LEN - pad;
+        let bytes = &code[from..TAIL_PROLOGUE];
+        let ip = start + from as u64;
+        let Some(key) = lea_rip(&bytes[..LEA_LEN], ip, Register::R11) else {
+            continue;
+        };
+        let at = ip + LEA_LEN as u64;
+        if lea_rip(&bytes[LEA_LEN..2 * LEA_LEN], at, Register::R10) != Some(jmp_at)
+            || !only_nops(&bytes[2 * LEA_LEN..], at + LEA_LEN as u64)
+        {
+            continue;
+        }
+        if proven.is_some() {
+            return Err(Reason::KeyNotProven);
+        }
+        proven = Some(key);
+    }
+    proven.ok_or(Reason::KeyNotProven)
+}
+
 /// If `bytes` (at address `ip`) are exactly `lea r11, [rip + disp32]` then NOPs to the end,
 /// the address the `lea` computes.
 fn key_binding(bytes: &[u8], ip: u64) -> Option<u64> {
-    let mut decoder = Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE);
-    let lea = decoder.decode();
-    let is_binding = !lea.is_invalid()
-        && lea.code() == Code::Lea_r64_m
+    let key = lea_rip(bytes.get(..LEA_LEN)?, ip, Register::R11)?;
+    only_nops(&bytes[LEA_LEN..], ip + LEA_LEN as u64).then_some(key)
+}
+
+/// If `bytes` (at address `ip`) are exactly one `lea reg, [rip + disp32]`, the address it
+/// computes.
+fn lea_rip(bytes: &[u8], ip: u64, reg: Register) -> Option<u64> {
+    let lea = decode_one(bytes, ip)?;
+    let is_lea = lea.code() == Code::Lea_r64_m
         && lea.len() == LEA_LEN
-        && lea.op0_register() == Register::R11
+        && lea.op0_register() == reg
         && lea.op1_kind() == OpKind::Memory
         && lea.is_ip_rel_memory_operand()
         && lea.memory_index() == Register::None;
-    if !is_binding {
-        return None;
-    }
+    is_lea.then(|| lea.ip_rel_memory_address())
+}
+
+/// Whether `bytes` (at address `ip`) decode as nothing but NOPs (or are empty).
+fn only_nops(bytes: &[u8], ip: u64) -> bool {
+    let mut decoder = Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE);
     while decoder.can_decode() {
         let pad = decoder.decode();
         if pad.is_invalid() || pad.mnemonic() != Mnemonic::Nop {
-            return None;
+            return false;
         }
     }
     // `can_decode` is false exactly when every byte was consumed; an instruction running past
     // the end would have decoded as invalid above.
-    Some(lea.ip_rel_memory_address())
+    true
 }
 
 /// Decodes exactly one instruction that spans all of `bytes`.

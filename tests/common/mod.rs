@@ -23,6 +23,22 @@ pub fn trampoline() -> usize {
     static_call::trampoline_address().expect("patching build")
 }
 
+/// The trampoline's entry for tail sites (`static_call_fn!`).
+pub fn tail_entry() -> usize {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_os = "linux",
+        not(feature = "force-fallback")
+    ))]
+    return static_call::__private::tail_trampoline as *const () as usize;
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_os = "linux",
+        not(feature = "force-fallback")
+    )))]
+    unreachable!("no tail entry without patching")
+}
+
 /// One line of /proc/self/maps.
 #[derive(Clone, Debug)]
 pub struct Mapping {
@@ -116,6 +132,37 @@ pub fn assert_calls(site: usize, target: usize, what: &str) {
         "site {site:#x} should be `call {what}` ({target:#x}) but is `{}`",
         format(&insn)
     );
+}
+
+/// Asserts that the site at `site` decodes as `jmp target` (a patched tail site).
+#[track_caller]
+pub fn assert_jumps(site: usize, target: usize, what: &str) {
+    let insn = decode(site);
+    assert_eq!(
+        (insn.code(), insn.near_branch64() as usize),
+        (Code::Jmp_rel32_64, target),
+        "site {site:#x} should be `jmp {what}` ({target:#x}) but is `{}`",
+        format(&insn)
+    );
+}
+
+/// The tail site of a `static_call_fn!` wrapper at `func`: the address its second instruction,
+/// `lea r10, [rip + site]`, computes (whatever the site holds now).
+#[track_caller]
+pub fn tail_site(func: usize) -> usize {
+    let bytes = read(func, 14);
+    let mut d = Decoder::with_ip(64, &bytes, func as u64, DecoderOptions::NONE);
+    let (key, site) = (d.decode(), d.decode());
+    for (lea, reg) in [(&key, Register::R11), (&site, Register::R10)] {
+        assert!(
+            lea.code() == Code::Lea_r64_m
+                && lea.op0_register() == reg
+                && lea.is_ip_rel_memory_operand(),
+            "{func:#x} does not start as a tail site:\n{}",
+            disassemble(func, 64)
+        );
+    }
+    site.ip_rel_memory_address() as usize
 }
 
 pub fn format(insn: &Instruction) -> String {
@@ -378,11 +425,15 @@ pub fn run_child(name: &str, env: &[(&str, &str)]) -> String {
     stdout
 }
 
-/// Where the `call` at `site` ends up: its target, or, when that target is a near thunk (`jmp
-/// qword ptr [rip + 0]` followed by an address), the address the thunk jumps to. `None` if the
-/// bytes at `site` are not a `call rel32`.
+/// Where the `call` or `jmp` (a tail site) at `site` ends up: its target, or, when that target is
+/// a near thunk (`jmp qword ptr [rip + 0]` followed by an address), the address the thunk jumps
+/// to. `None` if the bytes at `site` are neither a `call rel32` nor a `jmp rel32`.
 pub fn call_destination(site: usize) -> Option<usize> {
-    let target = call_target(site)?;
+    let insn = decode(site);
+    let target = match insn.code() {
+        Code::Call_rel32_64 | Code::Jmp_rel32_64 => insn.near_branch64() as usize,
+        _ => return None,
+    };
     let jmp = decode(target);
     if jmp.code() == Code::Jmp_rm64
         && jmp.is_ip_rel_memory_operand()
