@@ -8,7 +8,7 @@
 #   (`-C llvm-args=-align-loops=64`): where a loop falls relative to cache lines otherwise moves
 #   the patched/direct ratio by up to 20%. The flags apply to this build only, never to the
 #   repository's tests.
-# - Runs the criterion benches (benches/calls.rs, pressure.rs, unpatched.rs) ROUNDS times, each round
+# - Runs the criterion benches (benches/calls.rs, pressure.rs, unpatched.rs, wrappers.rs) ROUNDS times, each round
 #   saved as criterion baseline `roundN`, and benches/latency.rs once per round; the report gives
 #   the median over rounds and the spread, ratios always taken within one round.
 # - Rebuilds benches/calls.rs and pressure.rs with every function aligned to 32 and to 64 bytes
@@ -49,7 +49,7 @@ cargo bench --no-run --quiet
 for round in $(seq 1 "$ROUNDS"); do
     echo "==> round $round/$ROUNDS (load: $(cut -d' ' -f1-3 /proc/loadavg))"
     echo "round $round load before: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$out/machine.txt"
-    for bench in calls pressure unpatched; do
+    for bench in calls pressure unpatched wrappers; do
         cargo bench --quiet --bench "$bench" -- --save-baseline "round$round" \
             --warm-up-time "$WARMUP" --measurement-time "$MEASURE" 2>&1 |
             grep -E '^[a-z0-9_]+/|time:' || true

@@ -27,7 +27,7 @@ SVG = os.path.join(ROOT, "docs", "benchmarks-calls.svg")
 
 # Calls per criterion iteration (benches/common/mod.rs CHAIN; benches/pressure.rs).
 PER_ITER = {"call": 1000, "unpatched": 1000, "null_ret0": 1000, "far": 1000, "pressure1024": 1024,
-            "pressure4096": 4096}
+            "pressure4096": 4096, "wrapper": 1000}
 
 
 def rounds(prefix="round"):
