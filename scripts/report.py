@@ -247,6 +247,26 @@ def main():
         if v:
             md.append(f"| {label} | {med(v):.2f} | {fmt_ratio(ratios('null_ret0', b, base, rs))} |")
 
+    if series("wrapper", "direct", rs):
+        md.append("")
+        md.append("### Thin wrappers: `fn w(x) { dispatched(x) }`\n")
+        md.append("Each wrapper is `#[inline(never)]` and called in a dependent chain "
+                  "(benches/wrappers.rs).\n")
+        md.append("| wrapper body | machine code | ns per call | ÷ direct wrapper |")
+        md.append("|---|---|---:|---:|")
+        for label, code, b in [
+            ("`inc(x)` (direct)", "`jmp inc`", "direct"),
+            ("`static_call!(K)(x)`, patched", "`push; lea r11; call inc; pop; ret`", "static_natural"),
+            ("`static_call_fn!(fn w(x: u64) -> u64 = K)`, patched", "`lea r11; lea r10; jmp inc`",
+             "static_call_fn"),
+            ("`AtomicPtr` load + call", "`mov rax, [PTR]; jmp rax`", "atomic_ptr"),
+            ("`&dyn Trait`", "`jmp [vtable + 24]`", "dyn_trait"),
+        ]:
+            v = series("wrapper", b, rs)
+            if v:
+                md.append(f"| {label} | {code} | {med(v):.2f} | "
+                          f"{fmt_ratio(ratios('wrapper', b, 'direct', rs))} |")
+
     if runs:
         def d(path, k="p50"):
             return lat(runs, path + "." + k)
