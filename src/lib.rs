@@ -49,6 +49,7 @@
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod branch;
 mod diagnostics;
 mod key;
 mod macros;
@@ -87,6 +88,7 @@ use fallback as imp;
 #[cfg(static_call_patching)]
 use patcher as imp;
 
+pub use branch::StaticBranch;
 pub use diagnostics::{
     Disabled, Error, ErrorKind, Reason, SiteInfo, SiteState, Stats, Status, WorkerStatus,
 };
@@ -210,6 +212,9 @@ struct ReadmeExamples;
 /// Items the macros expand to. Not part of the API.
 #[doc(hidden)]
 pub mod __private {
+    #[cfg(static_call_patching)]
+    pub use crate::branch::branch_entry;
+    pub use crate::branch::{branch_key, hook_key};
     pub use crate::key::{KeyShims, RawKey};
     pub use crate::site::{
         Arg, Class, Cursor, Regs, Ret, RetVal, Site, SiteId, check_signature, site_id,
