@@ -630,3 +630,203 @@ scenario! {
         println!("levels checked: {levels:?}");
     }
 }
+
+// --- hostile environments ----------------------------------------------------------------------
+
+define_static_branch!(HOSTILE: bool = false);
+
+#[inline(never)]
+fn hostile_site() -> bool {
+    static_branch!(HOSTILE)
+}
+
+#[inline(never)]
+fn hostile_site_never_run_before() -> bool {
+    static_branch!(HOSTILE)
+}
+
+const PR_SET_MDWE: i32 = 65;
+const PR_MDWE_REFUSE_EXEC_GAIN: u64 = 1;
+
+/// Forbids gaining execute permission for the rest of the process; false if the kernel has no
+/// MDWE (then the scenario checks nothing more).
+fn set_mdwe() -> bool {
+    // SAFETY: prctl with integer arguments.
+    let r = unsafe { libc::prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0u64, 0u64, 0u64) };
+    if r != 0 {
+        println!("note: this kernel has no MDWE; the scenario checks nothing more");
+    }
+    r == 0
+}
+
+scenario! {
+    /// W^X after a branch site was patched: it can no longer be rewritten, so `enable` fails as
+    /// a whole and changes nothing: the key stays off, the site stays a NOP, a site that never
+    /// ran (through its stub) agrees, and so does the next try.
+    fn mdwe_after_patching_makes_enable_fail_cleanly() {
+        let f = black_box(hostile_site as fn() -> bool);
+        let fresh = black_box(hostile_site_never_run_before as fn() -> bool);
+        let (site, fresh_site) = (site_of(f, HOSTILE.as_ptr()), site_of(fresh, HOSTILE.as_ptr()));
+        assert!(!f());
+        static_call::flush();
+        assert_patched(site, &HOSTILE, false);
+        if !set_mdwe() {
+            return;
+        }
+        let err = HOSTILE.try_set(true).unwrap_err();
+        assert_eq!(err.kind, static_call::ErrorKind::WriteRefused { errno: libc::EACCES }, "{err}");
+        assert!(!HOSTILE.is_enabled(), "the key stays off");
+        assert_state(site, BranchState::Nop);
+        assert!(!f());
+        assert!(!fresh(), "a first run through the stub agrees");
+        assert_state(fresh_site, BranchState::Home);
+        assert!(HOSTILE.try_set(true).is_err(), "and again, without crashing");
+        assert!(!f() && !fresh());
+    }
+}
+
+scenario! {
+    /// `unpatch_all` returns branch sites to their stubs; switching keeps working without
+    /// writing code, through the stubs.
+    fn unpatch_all_returns_branch_sites_to_their_stubs() {
+        let f = black_box(hostile_site as fn() -> bool);
+        let site = site_of(f, HOSTILE.as_ptr());
+        assert!(!f());
+        HOSTILE.enable();
+        static_call::flush();
+        assert_patched(site, &HOSTILE, true);
+        static_call::unpatch_all().unwrap();
+        assert_state(site, BranchState::Home);
+        if !set_mdwe() {
+            return;
+        }
+        HOSTILE.disable();
+        assert!(!f());
+        HOSTILE.enable();
+        assert!(f());
+        assert_state(site, BranchState::Home);
+        let listed = HOSTILE.sites();
+        assert!(
+            listed.iter().all(|s| matches!(s.state, SiteState::Trampoline(_))),
+            "{listed:?}"
+        );
+    }
+}
+
+scenario! {
+    /// With patching off, branch sites stay on their stubs and still follow their keys.
+    fn with_patching_off_branches_go_through_their_stubs() env ["STATIC_CALL_DISABLE" = "1"] {
+        let f = black_box(hostile_site as fn() -> bool);
+        assert!(!f());
+        HOSTILE.enable();
+        assert!(f());
+        HOSTILE.disable();
+        assert!(!f());
+        static_call::flush();
+        let listed = HOSTILE.sites();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert!(matches!(listed[0].state, SiteState::Trampoline(_)), "{listed:?}");
+        if let Some(b) = site_of(f, HOSTILE.as_ptr()) {
+            assert_eq!(branch_state(&b), BranchState::Home);
+        }
+    }
+}
+
+define_static_branch!(FORKED: bool = false);
+
+#[inline(never)]
+fn forked_site() -> bool {
+    static_branch!(FORKED)
+}
+
+#[inline(never)]
+fn forked_site_only_the_child_runs() -> bool {
+    static_branch!(FORKED)
+}
+
+scenario! {
+    /// fork(): in the child, inherited patched branch sites work, a new one gets patched, and
+    /// `enable` rewrites both; the parent is unaffected.
+    fn a_forked_child_switches_its_own_branches() {
+        let f = black_box(forked_site as fn() -> bool);
+        let g = black_box(forked_site_only_the_child_runs as fn() -> bool);
+        let (site, child_site) = (site_of(f, FORKED.as_ptr()), site_of(g, FORKED.as_ptr()));
+        assert!(!f());
+        static_call::flush();
+        // SAFETY: the child only runs the closure below, then exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let verdict = std::panic::catch_unwind(|| {
+                assert!(!f() && !g());
+                static_call::flush();
+                assert_state(child_site, BranchState::Nop);
+                FORKED.enable();
+                assert!(f() && g());
+                assert_state(site, BranchState::Jump);
+                assert_state(child_site, BranchState::Jump);
+            });
+            // SAFETY: ends the child without running the parent's exit handlers.
+            unsafe { libc::_exit(i32::from(verdict.is_err())) }
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child: {status:#x}");
+        assert!(!f(), "the parent's key is still off");
+        assert_state(site, BranchState::Nop);
+        assert_state(child_site, BranchState::Home);
+    }
+}
+
+define_static_branch!(IN_HANDLER: bool = true);
+static HANDLER_TAKEN: AtomicU64 = AtomicU64::new(0);
+static HANDLER_RUNS: AtomicU64 = AtomicU64::new(0);
+
+/// A branch that only the signal handler runs: its first run (registration) happens there.
+extern "C" fn on_signal(_: libc::c_int) {
+    HANDLER_RUNS.fetch_add(1, Ordering::Relaxed);
+    if static_branch!(IN_HANDLER) {
+        HANDLER_TAKEN.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+scenario! {
+    /// Branch sites whose first run is in a signal handler, interrupting a thread that keeps
+    /// switching the key (holding the patch lock): no deadlock, and every run right.
+    fn branches_in_signal_handlers_never_deadlock() {
+        static_call::init();
+        // SAFETY: installs a handler for SIGUSR1, which this thread raises below.
+        unsafe {
+            let mut action: libc::sigaction = core::mem::zeroed();
+            action.sa_sigaction = on_signal as *const () as usize;
+            action.sa_flags = libc::SA_RESTART;
+            assert_eq!(libc::sigaction(libc::SIGUSR1, &action, core::ptr::null_mut()), 0);
+        }
+        let switcher = std::thread::spawn(|| {
+            for i in 0..2000 {
+                IN_HANDLER.set(i % 2 == 0);
+            }
+            IN_HANDLER.enable();
+        });
+        let mut raised = 0;
+        while !switcher.is_finished() {
+            // SAFETY: raise has no preconditions; the handler is installed.
+            unsafe { libc::raise(libc::SIGUSR1) };
+            raised += 1;
+        }
+        switcher.join().unwrap();
+        let before = HANDLER_TAKEN.load(Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { libc::raise(libc::SIGUSR1) };
+        assert_eq!(HANDLER_TAKEN.load(Ordering::Relaxed), before + 1, "on after enable()");
+        assert_eq!(HANDLER_RUNS.load(Ordering::Relaxed), raised + 1);
+        println!("{raised} signals raised while switching");
+        static_call::flush();
+        if patching() {
+            let listed = IN_HANDLER.sites();
+            assert_eq!(listed.len(), 1, "{listed:?}");
+            assert_eq!(listed[0].state, SiteState::Patched);
+        }
+    }
+}
