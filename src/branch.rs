@@ -33,8 +33,6 @@
 //! its stub is never reached again. The block declares no register clobber: the branch entry
 //! preserves every register but the flags.
 
-use core::sync::atomic::AtomicU32;
-
 use crate::diagnostics::{Error, SiteInfo};
 use crate::imp;
 use crate::key::{Batch, RawKey, RawTarget};
@@ -46,6 +44,7 @@ mod entry {
     use crate::kinds::Kind;
     use crate::os::linux;
     use crate::{runtime, trampoline};
+    use core::sync::atomic::AtomicU32;
 
     unsafe extern "C" {
         /// The branch entry. Its symbol carries the crate version (two copies of the crate link

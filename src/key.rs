@@ -59,6 +59,7 @@ impl RawTarget {
 
     /// Whether the branch sites of a key with this target take their branch: a branch key that
     /// is on, or a call key that has a target (anything but `Null`).
+    #[cfg_attr(not(static_call_patching), allow(dead_code))]
     pub(crate) const fn branch_on(self) -> bool {
         mode_is_on(self.mode())
     }
