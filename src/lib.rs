@@ -227,6 +227,21 @@ pub mod __private {
     pub fn prove_site(code: &[u8], start: u64, trampoline: u64) -> Result<u64, crate::Reason> {
         crate::arch::x86_64::prove_site(code, start, trampoline)
     }
+    /// The branch-site verifier, for property tests: see `arch::x86_64::prove_branch`. Returns
+    /// the key, the label and whether the site is likely-true.
+    #[cfg(static_call_patching)]
+    pub fn prove_branch(
+        insn: &[u8; 5],
+        site: u64,
+        stub: &[u8],
+        entry: u64,
+    ) -> Result<(u64, u64, bool), crate::Reason> {
+        crate::arch::x86_64::prove_branch(insn, site, stub, entry)
+            .map(|b| (b.key, b.label, b.likely_true))
+    }
+    /// Length of a branch site's stub, which `prove_branch` reads.
+    #[cfg(static_call_patching)]
+    pub const BRANCH_STUB_LEN: usize = crate::arch::x86_64::STUB_LEN;
     /// Bytes before the `call` that `prove_site` reads.
     #[cfg(static_call_patching)]
     pub const SITE_PROLOGUE: usize = crate::arch::x86_64::PROLOGUE;
