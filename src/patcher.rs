@@ -14,7 +14,7 @@
 //! | `LIVE(ours, reason)` | proven; `ours` are the bytes we last wrote or verified there; `reason` says why they are home, if they are | yes | `ours`, or someone else's bytes over them (*foreign*) |
 //!
 //! A site's *home* is what its kind compiles to and keeps while unpatched: `call trampoline` for
-//! a call site (`kinds.rs` has every kind's). Foreign bytes are never recorded: every operation,
+//! a call site, `jmp stub` for a branch site (`kinds.rs` has every kind's). Foreign bytes are never recorded: every operation,
 //! and `sites()`, re-reads the site. A LIVE site is *required* when `ours` is not home: it calls
 //! a target directly (or is a NOP, or `xor eax, eax`), so it does not follow its key by itself
 //! and must be rewritten when the key changes. A site at home reaches the trampoline, which is
@@ -50,7 +50,11 @@
 //!   anything changed, if a required site holds foreign bytes. If there is a required write,
 //!   one core sync runs before anything is published, so that a failing `membarrier` is found
 //!   while nothing has changed. Then the targets are published and the plan written; if a
-//!   required write fails, the targets are restored and the writes undone (`roll_back`).
+//!   required write fails, the targets are restored and the writes undone (`roll_back`). A key
+//!   whose branch sites switch on or off (a hook gaining or losing its target) is written in two
+//!   phases, each published, written and synced in turn (`kinds::phase`: calls then branches
+//!   when enabling, branches then calls when disabling); a failing second phase undoes itself,
+//!   then the first (`undo_phases`).
 //! - **`unpatch_all`**: site by site, every LIVE site back home; patching goes off only once
 //!   every site is there.
 //!
