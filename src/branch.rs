@@ -456,7 +456,7 @@ macro_rules! static_branch_likely {
 /// [`static_call!`](crate::static_call).
 ///
 /// ```
-/// use static_call::{define_static_call, has_target, static_call};
+/// use static_call::{StaticCallKey, define_static_call, has_target, static_call};
 /// use std::sync::atomic::{AtomicU32, Ordering};
 ///
 /// pub struct Record { pub id: u32, pub text: String }
