@@ -530,7 +530,8 @@ macro_rules! __static_branch_site {
             $likely,
             $($base)+,
             // SAFETY: both pointers are into the same static.
-            unsafe { (&raw const $($key)+).byte_offset_from(&raw const $($base)+) as usize }
+            unsafe { (&raw const $($key)+).byte_offset_from(&raw const $($base)+) as usize },
+            $crate::__private::site_id(::core::file!(), ::core::line!(), ::core::column!())
         )
     }};
 }
@@ -550,12 +551,13 @@ macro_rules! __static_branch_site {
 }
 
 /// The asm block of a branch site (see the module documentation of `branch.rs`), as an
-/// expression of type `bool`.
+/// expression of type `bool`. `$id` (`site_id` of the `static_branch!` in the source) goes into
+/// a comment, so that LLVM never merges two functions that differ only by which site they hold.
 #[cfg(static_call_patching)]
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __static_branch_asm {
-    (unlikely, $base:path, $off:expr) => {
+    (unlikely, $base:path, $off:expr, $id:expr) => {
         '__static_branch: {
             // SAFETY: the block clobbers nothing but the flags: unpatched, its stub saves and
             // restores r11 around the branch entry, which preserves every other register;
@@ -563,6 +565,7 @@ macro_rules! __static_branch_asm {
             // asm block without `nostack` may do.
             unsafe {
                 ::core::arch::asm!(
+                    "/* static_call branch {id} */",
                     ".p2align 3,,4",
                     "jmp 3f",
                     "4:",
@@ -578,17 +581,19 @@ macro_rules! __static_branch_asm {
                     key = sym $base,
                     off = const $off,
                     entry = sym $crate::__private::branch_entry,
+                    id = const $id,
                     on = label { break '__static_branch true },
                 );
             }
             false
         }
     };
-    (likely, $base:path, $off:expr) => {
+    (likely, $base:path, $off:expr, $id:expr) => {
         '__static_branch: {
             // SAFETY: as for the `unlikely` form; the stub's `jz` jumps to the off side.
             unsafe {
                 ::core::arch::asm!(
+                    "/* static_call branch {id} */",
                     ".p2align 3,,4",
                     "jmp 3f",
                     "4:",
@@ -604,6 +609,7 @@ macro_rules! __static_branch_asm {
                     key = sym $base,
                     off = const $off,
                     entry = sym $crate::__private::branch_entry,
+                    id = const $id,
                     off_side = label { break '__static_branch false },
                 );
             }
