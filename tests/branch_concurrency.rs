@@ -2,9 +2,9 @@
 //! takes the off path (nor the on path after `disable()`), and no hook branch taken while its key
 //! gains a target reaches a call that does nothing.
 //!
-//! The switcher moves a key through windows, publishing each in `WINDOW` once it holds:
-//! `ON(k)` after the k-th `enable()` returned, `SWITCHING` just before `disable()` is called,
-//! `OFF(k)` after `disable()` returned, `SWITCHING` again before the next `enable()`. A tester
+//! The switcher moves a key through windows, publishing each (`window`) once it holds: "on
+//! (k)" after the k-th `enable()` returned, "switching off (k)" just before `disable()` is called,
+//! "off (k)" after it returned, "switching on (k + 1)" before the next `enable()`. A tester
 //! reads the window before and after each test of the branch; when both reads see the same stable
 //! window, every site it ran in between must have taken the side that window says. (A read that
 //! sees `ON(k)` was ordered after `enable()`'s core sync, so the site's bytes it then executes
@@ -31,19 +31,26 @@ const SITES: u64 = 64;
 /// How long the switcher holds each stable window.
 const HOLD: Duration = Duration::from_micros(200);
 
-/// The window while `set(true)` runs (the key being switched on, or a hook given its target).
-const SWITCHING_ON: u64 = 0;
-/// The window while `set(false)` runs.
-const SWITCHING_OFF: u64 = u64::MAX;
-
-/// Window `k` with the key on (odd) or off (even, never 0).
-fn stable(k: u64, on: bool) -> u64 {
-    2 * k + 1 + u64::from(!on)
+/// Window values: `4k` while the k-th `set(true)` runs (the key being switched on, or a hook
+/// given its target), `4k + 1` once it returned, `4k + 2` while the k-th `set(false)` runs,
+/// `4k + 3` once it returned. Every value is used once, so a tester that is preempted across
+/// several windows never sees the same value before and after (no ABA).
+fn window(k: u64, phase: u64) -> u64 {
+    4 * k + phase
 }
 
 /// The side a stable window says, `None` while switching.
 fn side(window: u64) -> Option<bool> {
-    (window != SWITCHING_ON && window != SWITCHING_OFF).then_some(window % 2 == 1)
+    match window % 4 {
+        1 => Some(true),
+        3 => Some(false),
+        _ => None,
+    }
+}
+
+/// Whether the key is being switched off in this window.
+fn switching_off(window: u64) -> bool {
+    window % 4 == 2
 }
 
 fn run_for() -> Duration {
@@ -101,7 +108,7 @@ fn tester(id: u64, window: &AtomicU64, stop: &AtomicBool, test: fn(u64) -> Outco
         if before != after {
             continue;
         }
-        if dropped && before != SWITCHING_OFF {
+        if dropped && !switching_off(before) {
             t.dropped += 1;
         }
         if let Some(want_on) = side(before) {
@@ -119,7 +126,7 @@ fn tester(id: u64, window: &AtomicU64, stop: &AtomicBool, test: fn(u64) -> Outco
 /// Runs the testers against a switcher that calls `set(on)` to move the key through its
 /// windows, and checks every tally. Returns the number of on/off cycles.
 fn run(test: fn(u64) -> Outcome, set: fn(bool)) -> u64 {
-    let window = AtomicU64::new(stable(0, false));
+    let window = AtomicU64::new(self::window(0, 3));
     let stop = AtomicBool::new(false);
     let deadline = Instant::now() + run_for();
     let mut k = 0;
@@ -132,15 +139,12 @@ fn run(test: fn(u64) -> Outcome, set: fn(bool)) -> u64 {
             .collect();
         while Instant::now() < deadline {
             k += 1;
-            for on in [true, false] {
+            for (on, switching) in [(true, 0), (false, 2)] {
                 // SeqCst: the store is globally visible before the switch writes code.
-                window.store(
-                    if on { SWITCHING_ON } else { SWITCHING_OFF },
-                    Ordering::SeqCst,
-                );
+                window.store(self::window(k, switching), Ordering::SeqCst);
                 set(on);
                 // Release: pairs with the testers' Acquire loads.
-                window.store(stable(k, on), Ordering::Release);
+                window.store(self::window(k, switching + 1), Ordering::Release);
                 let held = Instant::now();
                 while held.elapsed() < HOLD {
                     std::hint::spin_loop();
