@@ -28,6 +28,32 @@
 //! registered site the same way before it returns. A site whose bytes do not prove which key it
 //! belongs to is never patched; it keeps calling through the trampoline, which is always correct.
 //!
+//! # Branches and hooks
+//!
+//! [`static_branch!`] is the kernel's jump label: a 5-byte NOP while its [`StaticBranch`] is off,
+//! a `jmp` into the block while it is on, switched synchronously from any thread.
+//! [`has_target!`] is the same branch over a call key, on while the key has a target, so that a
+//! hook's arguments are built only when someone listens:
+//!
+//! ```
+//! use static_call::{define_static_branch, define_static_call, has_target, static_branch, static_call};
+//!
+//! define_static_branch!(pub VERBOSE: bool = false);
+//! define_static_call!(pub ON_STEP: extern "C" fn(u64) = None);
+//! extern "C" fn show(step: u64) { println!("step {step}") }
+//!
+//! for step in 0..3 {
+//!     if static_branch!(VERBOSE) {
+//!         println!("verbose");
+//!     }
+//!     if has_target!(ON_STEP) {
+//!         static_call!(ON_STEP)(step * 10); // evaluated only with a target
+//!     }
+//! }
+//! VERBOSE.enable();
+//! ON_STEP.update(show); // calls first, then branches: no hook branch ever meets a NOP
+//! ```
+//!
 //! # Platforms
 //!
 //! Patching happens on x86-64 Linux (kernel 4.16 or later, for `membarrier` sync-core). Every
