@@ -7,11 +7,16 @@ use crate::diagnostics::{Error, ErrorKind, SiteInfo};
 use crate::imp;
 use crate::site::{Arg, Class, NoResult, RetVal, Site, ZeroableResult, check_signature};
 
-/// What a key's sites do when called: the internal, untyped form of [`Target`].
+/// What a key's sites do when called: the internal, untyped form of [`Target`], and of a
+/// branch key's state.
 ///
-/// Each variant holds the function the trampoline jumps to. For `Null` and `Ret0` that is the
-/// signature's zero function (which returns nothing, or zero); patched sites do not call it at
-/// all: they hold a 5-byte NOP or `xor eax, eax`.
+/// Each call variant holds the function the trampoline jumps to. For `Null` and `Ret0` that is
+/// the signature's zero function (which returns nothing, or zero); patched sites do not call it
+/// at all: they hold a 5-byte NOP or `xor eax, eax`. `Branch` is the state of a
+/// [`StaticBranch`](crate::StaticBranch): no call site is ever bound to such a key.
+///
+/// A branch site (`static_branch!`, `has_target!`) is *on* for `Branch(true)` and for every call
+/// target but `Null` ([`RawTarget::branch_on`]).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum RawTarget {
     /// Call this function.
@@ -20,29 +25,49 @@ pub(crate) enum RawTarget {
     Null(*const ()),
     /// Return zero (the key returns an integer, a pointer, `bool`...).
     Ret0(*const ()),
+    /// A branch key, on or off.
+    Branch(bool),
 }
 
 const MODE_CALL: usize = 0;
 const MODE_NULL: usize = 1;
 const MODE_RET0: usize = 2;
-const MODE_MASK: usize = 3;
-const MODE_BITS: u32 = 2;
+const MODE_OFF: usize = 3;
+const MODE_ON: usize = 4;
+const MODE_MASK: usize = 7;
+const MODE_BITS: u32 = 3;
 
 impl RawTarget {
-    /// The function the trampoline jumps to for this target.
-    pub(crate) fn func(self) -> *const () {
+    /// The function the trampoline jumps to for this target (null for a branch key, whose
+    /// sites never reach the trampoline).
+    pub(crate) const fn func(self) -> *const () {
         match self {
             RawTarget::Call(f) | RawTarget::Null(f) | RawTarget::Ret0(f) => f,
+            RawTarget::Branch(_) => core::ptr::null(),
         }
     }
 
-    fn mode(self) -> usize {
+    const fn mode(self) -> usize {
         match self {
             RawTarget::Call(_) => MODE_CALL,
             RawTarget::Null(_) => MODE_NULL,
             RawTarget::Ret0(_) => MODE_RET0,
+            RawTarget::Branch(false) => MODE_OFF,
+            RawTarget::Branch(true) => MODE_ON,
         }
     }
+
+    /// Whether the branch sites of a key with this target take their branch: a branch key that
+    /// is on, or a call key that has a target (anything but `Null`).
+    #[cfg_attr(not(static_call_patching), allow(dead_code))]
+    pub(crate) const fn branch_on(self) -> bool {
+        mode_is_on(self.mode())
+    }
+}
+
+/// `RawTarget::branch_on` of the target whose mode is `mode`.
+const fn mode_is_on(mode: usize) -> bool {
+    mode != MODE_NULL && mode != MODE_OFF
 }
 
 /// The untyped part of a key: 16 bytes, the layout the kernel settled on.
@@ -61,18 +86,10 @@ pub struct RawKey {
 }
 
 impl RawKey {
-    const fn new(target: RawTarget) -> Self {
-        let mode = match target {
-            RawTarget::Call(_) => MODE_CALL,
-            RawTarget::Null(_) => MODE_NULL,
-            RawTarget::Ret0(_) => MODE_RET0,
-        };
-        let func = match target {
-            RawTarget::Call(f) | RawTarget::Null(f) | RawTarget::Ret0(f) => f,
-        };
+    pub(crate) const fn new(target: RawTarget) -> Self {
         RawKey {
-            func: AtomicPtr::new(func as *mut ()),
-            sites: AtomicUsize::new(mode),
+            func: AtomicPtr::new(target.func() as *mut ()),
+            sites: AtomicUsize::new(target.mode()),
         }
     }
 
@@ -95,14 +112,41 @@ impl RawKey {
         match self.sites.load(Ordering::Relaxed) & MODE_MASK {
             MODE_NULL => RawTarget::Null(f),
             MODE_RET0 => RawTarget::Ret0(f),
+            MODE_OFF => RawTarget::Branch(false),
+            MODE_ON => RawTarget::Branch(true),
             _ => RawTarget::Call(f),
         }
     }
 
-    /// Sets the target. Under the patch lock (or in the fallback, where there are no sites).
+    /// Whether the key's branch sites take their branch now ([`RawTarget::branch_on`]): what an
+    /// unpatched branch site asks, and the portable fallback's `static_branch!`. One load.
+    ///
+    /// Acquire pairs with the Release store of `set_mode`: a thread that sees a branch on also
+    /// sees what the thread that switched it on wrote before.
+    #[inline]
+    pub fn __branch_on(&self) -> bool {
+        mode_is_on(self.sites.load(Ordering::Acquire) & MODE_MASK)
+    }
+
+    /// Sets the target: `set_mode`, then `set_func`. Under the patch lock (or in the fallback,
+    /// where there are no sites).
     pub(crate) fn set_target(&self, target: RawTarget) {
+        self.set_mode(target);
+        self.set_func(target);
+    }
+
+    /// Sets the part of the target that branch sites read (and `target()` reports): its mode.
+    /// Under the patch lock, or in the fallback. A hook update publishes it in its own phase
+    /// (`patcher::update`).
+    pub(crate) fn set_mode(&self, target: RawTarget) {
         let head = self.sites.load(Ordering::Relaxed) & !MODE_MASK;
-        self.sites.store(head | target.mode(), Ordering::Relaxed);
+        // Release: pairs with `__branch_on`'s Acquire (see there).
+        self.sites.store(head | target.mode(), Ordering::Release);
+    }
+
+    /// Sets the part of the target that the call trampoline reads: the function. Under the
+    /// patch lock, or in the fallback.
+    pub(crate) fn set_func(&self, target: RawTarget) {
         // Release: a thread that reads the new function through the trampoline sees the
         // function's code and data as the updater published them.
         self.func.store(target.func() as *mut (), Ordering::Release);
@@ -331,7 +375,7 @@ impl<F: Signature> StaticCall<F> {
 }
 
 /// Panics on a failed update, saying what the error leaves behind (see [`ErrorKind`]).
-fn expect_set(result: Result<(), Error>) {
+pub(crate) fn expect_set(result: Result<(), Error>) {
     if let Err(e) = result {
         let left = match e.kind {
             ErrorKind::NotSynced { .. } => "the change was made, but cores were not serialised",
@@ -388,6 +432,8 @@ impl<F: Copy> StaticCall<F> {
             RawTarget::Call(f) => Target::Function(unsafe { ptr_to_fn(f) }),
             RawTarget::Null(_) => Target::Null,
             RawTarget::Ret0(_) => Target::ReturnZero,
+            // A `StaticCall` is never given a branch state.
+            RawTarget::Branch(_) => unreachable!("a call key holds a call target"),
         }
     }
 
@@ -603,7 +649,7 @@ impl<'a> Batch<'a> {
         self.with(&key.raw, RawTarget::Ret0(fn_to_ptr(F::__ZERO)))
     }
 
-    fn with(mut self, key: &'a RawKey, target: RawTarget) -> Self {
+    pub(crate) fn with(mut self, key: &'a RawKey, target: RawTarget) -> Self {
         match self
             .changes
             .iter_mut()

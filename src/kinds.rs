@@ -8,13 +8,18 @@
 //! |---|---|---|---|---|
 //! | `Call`: `static_call!(KEY)(..)` | `static_call_trampoline_v*` | `call <entry>` | `prove_site`: `lea r11, [rip + KEY]`, NOPs, `call <entry>` | `call f` (or its thunk) / NOP5 / RET0 |
 //! | `Tail`: `static_call_fn!` | `static_call_tail_trampoline_v*` | `jmp <entry>` | `prove_tail_site`: `lea r11, [rip + KEY]`, `lea r10, [rip + site]`, NOPs, `jmp <entry>`, `ret` | `jmp f` (or its thunk) / NOP5 / RET0, each followed by the `ret` |
+//! | `Branch`: `static_branch!(KEY)`, `has_target!(KEY)` | `static_call_branch_v*`, from the site's stub | `jmp <stub>` | `prove_branch`: `jmp <stub>`, the stub's exact template (`lea r11, [rip + KEY]`, `call <entry>`, `jcc LABEL`, `jmp site + 5`) | on: `jmp LABEL` / off: NOP5 (swapped for likely-true sites); on = `RawTarget::branch_on` |
+//!
+//! A key can have sites of both kinds: `has_target!(HOOK)` is a branch site bound to a call key,
+//! on while the key has a target. When an update switches such a key's branches, it writes the
+//! two kinds in two ordered phases, each with its own core sync ([`phase`]).
 //!
 //! The soundness rule, per kind: a site is only ever written once its own bytes prove which key
 //! it belongs to, *and* that it is of this kind: each kind reaches its own trampoline entry, and
 //! each proof requires that entry, so no kind's proof can accept another kind's site.
 
 use crate::arch::x86_64::{
-    self as arch, Insn, PROLOGUE, SiteInsn, SiteWord, TAIL_CODE, TAIL_PROLOGUE, WORD,
+    self as arch, Insn, PROLOGUE, STUB_LEN, SiteInsn, SiteWord, TAIL_CODE, TAIL_PROLOGUE, WORD,
 };
 use crate::diagnostics::{Disabled, Reason};
 use crate::key::{RawKey, RawTarget};
@@ -30,6 +35,8 @@ pub(crate) enum Kind {
     Call = 0,
     /// A tail site: the body of a `static_call_fn!` wrapper.
     Tail = 1,
+    /// A branch site: `static_branch!(KEY)`, `static_branch_likely!(KEY)`, `has_target!(KEY)`.
+    Branch = 2,
 }
 
 impl Kind {
@@ -37,14 +44,21 @@ impl Kind {
     /// from a `Kind`).
     pub fn from_u32(n: u32) -> Kind {
         match n {
+            0 => Kind::Call,
             1 => Kind::Tail,
-            _ => Kind::Call,
+            2 => Kind::Branch,
+            _ => unreachable!("slot kind {n}"),
         }
     }
 }
 
+/// `Proof::aux[0]` of a branch site: its stub's address, with this bit set for a likely-true
+/// site (user-space addresses never have it).
+const LIKELY_TRUE: u64 = 1 << 63;
+
 /// What a site's bytes proved: the quadword holding its five bytes, the value read there, and
-/// what the patcher keeps about it (`Slot::aux`; unused by `Call` sites).
+/// what the patcher keeps about it (`Slot::aux`): nothing for a call site; for a branch site,
+/// its stub (and whether it is likely-true, `LIKELY_TRUE`) and its label.
 pub(crate) struct Proof {
     pub at: SiteWord,
     pub word: u64,
@@ -52,12 +66,13 @@ pub(crate) struct Proof {
 }
 
 /// The five bytes a site of `kind` at `site` holds while unpatched (as compiled).
-pub(crate) fn home(rt: &Runtime, kind: Kind, site: usize, _aux: [u64; 2]) -> Insn {
-    let entry = match kind {
+pub(crate) fn home(rt: &Runtime, kind: Kind, site: usize, aux: [u64; 2]) -> Insn {
+    let what = match kind {
         Kind::Call => SiteInsn::Call(rt.trampoline),
         Kind::Tail => SiteInsn::Jmp(rt.tail_trampoline),
+        Kind::Branch => SiteInsn::Jmp((aux[0] & !LIKELY_TRUE) as usize),
     };
-    arch::encode(site, entry).expect("trampoline within rel32 of its sites")
+    arch::encode(site, what).expect("a site's home within rel32 of it")
 }
 
 /// Checks that `site` is a site of `kind` in our own code, bound to `key`, and still as
@@ -66,6 +81,24 @@ pub(crate) fn prove(rt: &Runtime, kind: Kind, site: usize, key: &RawKey) -> Resu
     match kind {
         Kind::Call => prove_call(rt, site, key),
         Kind::Tail => prove_tail(rt, site, key),
+        Kind::Branch => prove_branch(rt, site, key),
+    }
+}
+
+/// In which of an update's two phases (0, then 1, each with its own core sync) a site of `kind`
+/// is written, and its key's part of the target published, when the key goes from `from` to
+/// `to`.
+///
+/// A key whose branch sites switch on (a hook given a target) writes its calls first and its
+/// branches second; one whose branches switch off writes its branches first and its calls
+/// second. So at every moment, a branch that is on guards a call that calls the target (never
+/// the NOP of a hook without one). Any other change is one phase.
+pub(crate) fn phase(kind: Kind, from: RawTarget, to: RawTarget) -> usize {
+    let enabling = !from.branch_on() && to.branch_on();
+    let disabling = from.branch_on() && !to.branch_on();
+    match kind {
+        Kind::Call | Kind::Tail => usize::from(disabling),
+        Kind::Branch => usize::from(enabling),
     }
 }
 
@@ -87,9 +120,26 @@ pub(crate) fn wants(
         (Kind::Tail, RawTarget::Call(f)) => (SiteInsn::Jmp(f as usize), SiteInsn::Jmp),
         (Kind::Tail, RawTarget::Null(_)) => (SiteInsn::Nop, SiteInsn::Jmp),
         (Kind::Tail, RawTarget::Ret0(_)) => (SiteInsn::Ret0, SiteInsn::Jmp),
+        // Never LIVE: a call or tail site's proof binds a call key's address, never a branch
+        // key's.
+        (Kind::Call | Kind::Tail, RawTarget::Branch(_)) => {
+            return (home(rt, kind, site, aux), None);
+        }
+        (Kind::Branch, target) => {
+            let jumps = target.branch_on() != (aux[0] & LIKELY_TRUE != 0);
+            let label = aux[1] as usize;
+            let what = if jumps {
+                SiteInsn::Jmp(label)
+            } else {
+                SiteInsn::Nop
+            };
+            (what, SiteInsn::Jmp)
+        }
     };
-    let via_thunk = || match target {
-        RawTarget::Call(f) => arch::encode(site, via(thunks.get(f as usize)?)),
+    let via_thunk = || match (kind, target) {
+        (Kind::Call | Kind::Tail, RawTarget::Call(f)) => {
+            arch::encode(site, via(thunks.get(f as usize)?))
+        }
         _ => None,
     };
     match arch::encode(site, what).or_else(via_thunk) {
@@ -157,5 +207,45 @@ fn read_and_prove(
         at,
         word,
         aux: [0; 2],
+    })
+}
+
+/// The proof for a branch site: its five bytes, read from our own code, are `jmp <stub>`, and
+/// the stub, in our own code too, is exactly the template `arch::prove_branch` checks, reaching
+/// the branch entry and returning to this site. The key it binds must be the key the site was
+/// registered with.
+fn prove_branch(rt: &Runtime, site: usize, key: &RawKey) -> Result<Proof, Reason> {
+    let object = rt
+        .object
+        .as_ref()
+        .ok_or(Reason::Disabled(Disabled::ObjectNotFound))?;
+    let at = SiteWord::of(site).ok_or(Reason::NotASite)?;
+    object
+        .exec_segment(at.addr, at.addr + WORD)
+        .ok_or(Reason::NotASite)?;
+    // SAFETY: `at.addr` is 8-aligned and inside one of our executable segments, which stay
+    // mapped (our own object is pinned).
+    let word = unsafe { linux::read_word(at.addr) };
+    let insn = at.insn(word);
+    let stub = arch::branch_stub(&insn, site as u64).ok_or(Reason::NotASite)? as usize;
+    let end = stub.checked_add(STUB_LEN).ok_or(Reason::NotASite)?;
+    object.exec_segment(stub, end).ok_or(Reason::NotASite)?;
+    let mut code = [0u8; STUB_LEN];
+    // SAFETY: [stub, end) lies in one of our executable segments, which stay mapped.
+    unsafe { linux::read_code(stub, &mut code) };
+    let proven = arch::prove_branch(&insn, site as u64, &code, crate::branch::entry() as u64)?;
+    if proven.key != key.addr() as u64 || !object.holds_data(key.addr(), size_of::<RawKey>()) {
+        return Err(Reason::KeyNotProven);
+    }
+    // The label is our code too (the compiler's, inside the same function).
+    let label = proven.label as usize;
+    object
+        .exec_segment(label, label + 1)
+        .ok_or(Reason::NotASite)?;
+    let likely = if proven.likely_true { LIKELY_TRUE } else { 0 };
+    Ok(Proof {
+        at,
+        word,
+        aux: [proven.stub | likely, proven.label],
     })
 }

@@ -28,6 +28,32 @@
 //! registered site the same way before it returns. A site whose bytes do not prove which key it
 //! belongs to is never patched; it keeps calling through the trampoline, which is always correct.
 //!
+//! # Branches and hooks
+//!
+//! [`static_branch!`] is the kernel's jump label: a 5-byte NOP while its [`StaticBranch`] is off,
+//! a `jmp` into the block while it is on, switched synchronously from any thread.
+//! [`has_target!`] is the same branch over a call key, on while the key has a target, so that a
+//! hook's arguments are built only when someone listens:
+//!
+//! ```
+//! use static_call::{define_static_branch, define_static_call, has_target, static_branch, static_call};
+//!
+//! define_static_branch!(pub VERBOSE: bool = false);
+//! define_static_call!(pub ON_STEP: extern "C" fn(u64) = None);
+//! extern "C" fn show(step: u64) { println!("step {step}") }
+//!
+//! for step in 0..3 {
+//!     if static_branch!(VERBOSE) {
+//!         println!("verbose");
+//!     }
+//!     if has_target!(ON_STEP) {
+//!         static_call!(ON_STEP)(step * 10); // evaluated only with a target
+//!     }
+//! }
+//! VERBOSE.enable();
+//! ON_STEP.update(show); // calls first, then branches: no hook branch ever meets a NOP
+//! ```
+//!
 //! # Platforms
 //!
 //! Patching happens on x86-64 Linux (kernel 4.16 or later, for `membarrier` sync-core). Every
@@ -49,6 +75,7 @@
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod branch;
 mod diagnostics;
 mod key;
 mod macros;
@@ -88,6 +115,7 @@ use fallback as imp;
 #[cfg(static_call_patching)]
 use patcher as imp;
 
+pub use branch::StaticBranch;
 pub use diagnostics::{
     Disabled, Error, ErrorKind, Reason, SiteInfo, SiteState, Stats, Status, WorkerStatus,
 };
@@ -211,6 +239,9 @@ struct ReadmeExamples;
 /// Items the macros expand to. Not part of the API.
 #[doc(hidden)]
 pub mod __private {
+    #[cfg(static_call_patching)]
+    pub use crate::branch::branch_entry;
+    pub use crate::branch::{branch_key, hook_key};
     pub use crate::key::{KeyShims, RawKey};
     pub use crate::site::{
         Arg, Class, Cursor, Regs, Ret, RetVal, Site, SiteId, check_signature, site_id,
@@ -224,6 +255,21 @@ pub mod __private {
     pub fn prove_site(code: &[u8], start: u64, trampoline: u64) -> Result<u64, crate::Reason> {
         crate::arch::x86_64::prove_site(code, start, trampoline)
     }
+    /// The branch-site verifier, for property tests: see `arch::x86_64::prove_branch`. Returns
+    /// the key, the label and whether the site is likely-true.
+    #[cfg(static_call_patching)]
+    pub fn prove_branch(
+        insn: &[u8; 5],
+        site: u64,
+        stub: &[u8],
+        entry: u64,
+    ) -> Result<(u64, u64, bool), crate::Reason> {
+        crate::arch::x86_64::prove_branch(insn, site, stub, entry)
+            .map(|b| (b.key, b.label, b.likely_true))
+    }
+    /// Length of a branch site's stub, which `prove_branch` reads.
+    #[cfg(static_call_patching)]
+    pub const BRANCH_STUB_LEN: usize = crate::arch::x86_64::STUB_LEN;
     /// Bytes before the `call` that `prove_site` reads.
     #[cfg(static_call_patching)]
     pub const SITE_PROLOGUE: usize = crate::arch::x86_64::PROLOGUE;

@@ -14,8 +14,9 @@
 //! | `LIVE(ours, reason)` | proven; `ours` are the bytes we last wrote or verified there; `reason` says why they are home, if they are | yes | `ours`, or someone else's bytes over them (*foreign*) |
 //!
 //! A site's *home* is what its kind compiles to and keeps while unpatched: `call trampoline` for
-//! a call site (`kinds.rs` has every kind's). Foreign bytes are never recorded: every operation,
-//! and `sites()`, re-reads the site. A LIVE site is *required* when `ours` is not home: it calls
+//! a call site, `jmp <tail entry>` for a tail site, `jmp <stub>` for a branch site (`kinds.rs`
+//! has every kind's). Foreign bytes are never recorded: every operation, and `sites()`, re-reads
+//! the site. A LIVE site is *required* when `ours` is not home: it calls
 //! a target directly (or is a NOP, or `xor eax, eax`), so it does not follow its key by itself
 //! and must be rewritten when the key changes. A site at home reaches the trampoline, which is
 //! correct whatever its key holds.
@@ -50,7 +51,11 @@
 //!   anything changed, if a required site holds foreign bytes. If there is a required write,
 //!   one core sync runs before anything is published, so that a failing `membarrier` is found
 //!   while nothing has changed. Then the targets are published and the plan written; if a
-//!   required write fails, the targets are restored and the writes undone (`roll_back`).
+//!   required write fails, the targets are restored and the writes undone (`roll_back`). A key
+//!   whose branch sites switch on or off (a hook gaining or losing its target) is written in two
+//!   phases, each published, written and synced in turn (`kinds::phase`: calls then branches
+//!   when enabling, branches then calls when disabling); a failing second phase undoes itself,
+//!   then the first (`undo_phases`).
 //! - **`unpatch_all`**: site by site, every LIVE site back home; patching goes off only once
 //!   every site is there.
 //!
@@ -502,10 +507,18 @@ fn retry_failed_writes(rt: &Runtime, locked: &Locked) {
     }
 }
 
-/// Points each key at its target and rewrites all their sites as one batch (one pass over the
-/// pages, one core sync); see `StaticCall::try_update` and `Batch`. All or nothing: on failure
-/// no key and no site changes, except as `ErrorKind::NotSynced` and `UndoFailed` say. Each key
-/// appears at most once in `changes`.
+/// Points each key at its target and rewrites all their sites (see `StaticCall::try_update`,
+/// `StaticBranch::try_set` and `Batch`). All or nothing: on failure no key and no site changes,
+/// except as `ErrorKind::NotSynced` and `UndoFailed` say. Each key appears at most once in
+/// `changes`.
+///
+/// One batch (one pass over the pages, one core sync), unless a key's branch sites switch on or
+/// off (a hook gains or loses its target): then the sites are written in two phases, each
+/// with its own core sync, in the order `kinds::phase` gives (calls before branches when
+/// enabling, branches before calls when disabling), and each phase publishes, just before its
+/// writes, the part of the key its sites follow while unpatched (the function for call sites,
+/// the mode for branch sites). So an unpatched site and a patched one agree at every moment, and
+/// a branch that is on never guards a call that does not call the target yet.
 pub(crate) fn update(changes: &[(&RawKey, RawTarget)]) -> Result<(), Error> {
     let locked = lock();
     let Some(rt) = runtime::get() else {
@@ -523,17 +536,19 @@ pub(crate) fn update(changes: &[(&RawKey, RawTarget)]) -> Result<(), Error> {
     if runtime::mode().is_ok() {
         thunks.make_for(rt, called(changes.iter().map(|&(_, target)| target)));
     }
-    let mut plan = Vec::new();
-    for &(key, target) in changes {
+    let old: Vec<RawTarget> = changes.iter().map(|(key, _)| key.target()).collect();
+    let mut plans: [Vec<Planned>; PHASES] = Default::default();
+    for (&(key, target), &from) in changes.iter().zip(&old) {
         for (index, slot) in list(rt, key, &locked) {
             let (want, reason) = wants(rt, slot, target, &thunks);
-            plan_site(rt, index, slot, want, reason, &mut plan).map_err(|site| Error {
+            let plan = &mut plans[kinds::phase(kind(slot), from, target)];
+            plan_site(rt, index, slot, want, reason, plan).map_err(|site| Error {
                 site: Some(site),
                 kind: ErrorKind::ForeignBytes,
             })?;
         }
     }
-    if plan.iter().any(|p| p.required)
+    if plans.iter().flatten().any(|p| p.required)
         && let Err(errno) = linux::sync_cores()
     {
         // Found before anything was published: nothing changed.
@@ -543,62 +558,141 @@ pub(crate) fn update(changes: &[(&RawKey, RawTarget)]) -> Result<(), Error> {
             kind: ErrorKind::CoreSyncFailed { errno },
         });
     }
-    let old: Vec<RawTarget> = changes.iter().map(|(key, _)| key.target()).collect();
-    let set_targets = |new: bool| {
-        for (&(key, target), &before) in changes.iter().zip(&old) {
-            key.set_target(if new { target } else { before });
+    // Publishes (`new`) or restores the part of each key's target whose sites `phase` writes.
+    let publish = |phase: usize, new: bool| {
+        for (&(key, target), &from) in changes.iter().zip(&old) {
+            let now = if new { target } else { from };
+            if kinds::phase(Kind::Branch, from, target) == phase {
+                key.set_mode(now);
+            }
+            if kinds::phase(Kind::Call, from, target) == phase {
+                key.set_func(now);
+            }
         }
     };
-    set_targets(true);
-    commit(rt, &mut plan, set_targets)
+    commit(rt, &mut plans, publish)
 }
 
-/// Writes the plan of an all-or-nothing operation whose new targets are published, and turns
-/// the outcome into its result; `set_targets(false)` restores the old targets,
-/// `set_targets(true)` publishes the new ones again.
-fn commit(rt: &Runtime, plan: &mut [Planned], set_targets: impl Fn(bool)) -> Result<(), Error> {
+/// Phases of an update (`kinds::phase`).
+const PHASES: usize = 2;
+
+/// Writes the phases of an all-or-nothing operation in order, each after publishing its part
+/// of the new targets (`publish(phase, true)`; `false` restores the old part), and turns the
+/// outcome into the operation's result. A phase that fails undoes itself (`commit_phase`);
+/// then the phases before it are undone too, latest first, so that nothing changed.
+fn commit(
+    rt: &Runtime,
+    plans: &mut [Vec<Planned>; PHASES],
+    publish: impl Fn(usize, bool),
+) -> Result<(), Error> {
+    let mut result = Ok(());
+    for phase in 0..PHASES {
+        if phase > 0 && plans[..phase].iter().any(|p| !p.is_empty()) && !plans[phase].is_empty() {
+            faults::hook(Point::BetweenPhases);
+        }
+        publish(phase, true);
+        match commit_phase(rt, &mut plans[phase], |new| publish(phase, new)) {
+            Phase::Stands(r) => result = result.and(r),
+            Phase::Undone(e) => return Err(undo_phases(rt, &plans[..phase], &publish, e)),
+        }
+    }
+    result
+}
+
+/// Undoes `done`, phases that were written, latest first, after a later phase failed with
+/// `error` and undid itself: restores their part of the old targets and their sites. Returns
+/// the operation's error: `error`, unless an undo fails too.
+fn undo_phases(
+    rt: &Runtime,
+    done: &[Vec<Planned>],
+    publish: &impl Fn(usize, bool),
+    mut error: Error,
+) -> Error {
+    for (phase, plan) in done.iter().enumerate().rev() {
+        publish(phase, false);
+        match roll_back(rt, plan) {
+            Ok(()) => {}
+            Err(Undo::Sync(errno)) => {
+                error = Error {
+                    site: None,
+                    kind: ErrorKind::NotSynced { errno },
+                }
+            }
+            Err(Undo::Refused) => {
+                // Its writes stand: so does its part of the new targets. (A key whose branches
+                // were switching then has its calls on the new target and its branches on the
+                // old state; the next update of the key repairs it.)
+                publish(phase, true);
+                return Error {
+                    site: plan.iter().find(|p| p.write.done).map(|p| p.site),
+                    kind: ErrorKind::UndoFailed,
+                };
+            }
+            Err(Undo::Lost(site)) => {
+                return Error {
+                    site: Some(site),
+                    kind: ErrorKind::UndoFailed,
+                };
+            }
+        }
+    }
+    error
+}
+
+/// What became of one phase of an operation.
+enum Phase {
+    /// Its writes and its part of the new targets stand (the result says whether cores were
+    /// synced, or which site an undo could not reach).
+    Stands(Result<(), Error>),
+    /// Nothing of it is left: its part of the old targets is back, and every write was undone.
+    Undone(Error),
+}
+
+/// Writes the plan of one phase whose new targets are published; `set_targets(false)` restores
+/// the old targets, `set_targets(true)` publishes the new ones again.
+fn commit_phase(rt: &Runtime, plan: &mut [Planned], set_targets: impl Fn(bool)) -> Phase {
     let result = write(rt, plan);
     if let Err(e) = result {
         note_failure(e);
     }
     let lost = plan.iter().find(|p| p.required && !p.write.done);
     match (result, lost) {
-        (Ok(()), None) => Ok(()),
+        (Ok(()), None) => Phase::Stands(Ok(())),
         // Only sites on the trampoline were not upgraded: they are correct where they are. Or
         // the writes were made and only the sync failed, which cannot harm a site whose
         // previous instruction was the trampoline.
         (Err(WriteError::Protect(_)), None) | (Err(WriteError::Sync(_)), None)
             if !plan.iter().any(|p| p.required) =>
         {
-            Ok(())
+            Phase::Stands(Ok(()))
         }
         (Err(WriteError::Protect(errno)), _) => {
             // Nothing was written; the required sites still call the old targets directly.
             set_targets(false);
-            Err(Error {
+            Phase::Undone(Error {
                 site: plan.iter().find(|p| p.required).map(|p| p.site),
                 kind: ErrorKind::WriteRefused { errno },
             })
         }
-        (Err(WriteError::Sync(errno)), None) => Err(Error {
+        (Err(WriteError::Sync(errno)), None) => Phase::Stands(Err(Error {
             site: None,
             kind: ErrorKind::NotSynced { errno },
-        }),
+        })),
         (result, Some(lost)) => {
             let site = lost.site;
             set_targets(false);
             match roll_back(rt, plan) {
-                Ok(()) => match result {
-                    Err(WriteError::Sync(errno)) => Err(Error {
+                Ok(()) => Phase::Undone(match result {
+                    Err(WriteError::Sync(errno)) => Error {
                         site: None,
                         kind: ErrorKind::NotSynced { errno },
-                    }),
-                    _ => Err(Error {
+                    },
+                    _ => Error {
                         site: Some(site),
                         kind: ErrorKind::ForeignBytes,
-                    }),
-                },
-                Err(Undo::Sync(errno)) => Err(Error {
+                    },
+                }),
+                Err(Undo::Sync(errno)) => Phase::Undone(Error {
                     site: None,
                     kind: ErrorKind::NotSynced { errno },
                 }),
@@ -606,12 +700,12 @@ fn commit(rt: &Runtime, plan: &mut [Planned], set_targets: impl Fn(bool)) -> Res
                     // Nothing could be undone: every written site calls the new targets, which
                     // the keys hold again; only `site` is left under foreign bytes.
                     set_targets(true);
-                    Err(Error {
+                    Phase::Stands(Err(Error {
                         site: Some(site),
                         kind: ErrorKind::UndoFailed,
-                    })
+                    }))
                 }
-                Err(Undo::Lost(stuck)) => Err(Error {
+                Err(Undo::Lost(stuck)) => Phase::Undone(Error {
                     site: Some(stuck),
                     kind: ErrorKind::UndoFailed,
                 }),

@@ -82,7 +82,7 @@ unsafe extern "C" fn slow_path(key: *const RawKey, site: usize, kind: u32) -> *c
 /// 16-aligned local faults at once on a misaligned stack. It costs two instructions on a path
 /// that is about to do a hash lookup.
 #[inline(always)]
-fn alignment_canary() {
+pub(crate) fn alignment_canary() {
     use core::arch::x86_64::{__m128i, _mm_setzero_si128, _mm_store_si128};
     let mut slot = core::mem::MaybeUninit::<__m128i>::uninit();
     // SAFETY: `slot` is a local `__m128i`, 16-aligned if the stack is (which is what this
@@ -94,7 +94,7 @@ fn alignment_canary() {
 /// Makes sure the site of `kind` whose five rewritable bytes are at `site` is registered and, if
 /// it is new, queued for the patcher. Best effort: whatever happens, the caller then calls the
 /// key's current target through the trampoline, which is always correct.
-fn register(key: &'static RawKey, site: usize, kind: Kind) {
+pub(crate) fn register(key: &'static RawKey, site: usize, kind: Kind) {
     let Some(rt) = runtime::get_or_init() else {
         return;
     };

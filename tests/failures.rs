@@ -27,8 +27,9 @@ use common::{
 use static_call::__private::faults::{self, Point, Step};
 use static_call::static_call_fn;
 use static_call::{
-    Batch, Disabled, Error, ErrorKind, Reason, SiteInfo, SiteState, StaticCall, Target,
-    WorkerStatus, define_static_call, static_call,
+    Batch, Disabled, Error, ErrorKind, Reason, SiteInfo, SiteState, StaticCall, StaticCallKey,
+    Target, WorkerStatus, define_static_branch, define_static_call, has_target, static_branch,
+    static_call,
 };
 
 // --- keys, targets and the sites that call them --------------------------------------------
@@ -62,6 +63,15 @@ define_static_call!(H: extern "C" fn(u64) = note);
 define_static_call!(Z: extern "C" fn(u64) -> u64 = inc);
 define_static_call!(F: unsafe extern "C" fn(*const c_char) -> usize = my_strlen);
 static_call_fn!(unsafe fn f_tail(s: *const c_char) -> usize = F);
+define_static_branch!(BR: bool = false);
+// A hook: a branch site (`has_target!`) and a call site of one call key.
+define_static_call!(HK: extern "C" fn(u64) = None);
+
+/// What the hook `HK` has seen since it was last read.
+static HK_SEEN: AtomicU64 = AtomicU64::new(0);
+extern "C" fn hk_note(x: u64) {
+    HK_SEEN.fetch_add(x, Ordering::Relaxed);
+}
 
 /// Two sites of `K`: 2x + 3 with `inc`, 4x + 2 with `dbl`.
 #[inline(never)]
@@ -77,18 +87,45 @@ fn three_sites(x: u64) -> u64 {
 
 /// One site of every key of the systematic test, and what each returned.
 #[inline(never)]
-fn every_key(x: u64) -> [u64; 5] {
+fn every_key(x: u64) -> [u64; 7] {
     let a = static_call!(A)(x) + static_call!(A)(x + 1);
     let b = static_call!(B)(x);
     static_call!(H)(x);
     let z = static_call!(Z)(x);
     // SAFETY: a NUL-terminated string.
     let f = unsafe { static_call!(F)(c"hello".as_ptr()) + f_tail(c"tail".as_ptr()) } as u64;
-    [a, b, HOOKED.swap(0, Ordering::Relaxed), z, f]
+    let br = u64::from(static_branch!(BR));
+    if has_target!(HK) {
+        static_call!(HK)(x);
+    }
+    [
+        a,
+        b,
+        HOOKED.swap(0, Ordering::Relaxed),
+        z,
+        f,
+        br,
+        HK_SEEN.swap(0, Ordering::Relaxed),
+    ]
+}
+
+/// The branch sites of `every_key` (of `BR` and `HK`), found in its code before it first runs.
+static BRANCHES: std::sync::OnceLock<Vec<common::BranchBytes>> = std::sync::OnceLock::new();
+
+fn find_branches() {
+    let f = every_key as fn(u64) -> [u64; 7] as usize;
+    let mut found = common::branch_sites_in(f, 8192, BR.as_ptr() as usize);
+    found.extend(common::branch_sites_in(f, 8192, HK.as_ptr() as usize));
+    assert_eq!(found.len(), 2, "{found:x?}");
+    BRANCHES.set(found).unwrap();
+}
+
+fn branch_at(site: usize) -> Option<common::BranchBytes> {
+    BRANCHES.get()?.iter().find(|b| b.site == site).copied()
 }
 
 /// What `every_key` must return with the keys' current targets.
-fn every_key_expected(x: u64) -> [u64; 5] {
+fn every_key_expected(x: u64) -> [u64; 7] {
     let a = A.query();
     let hooked = match H.target() {
         Target::Null => 0,
@@ -98,7 +135,19 @@ fn every_key_expected(x: u64) -> [u64; 5] {
         Target::ReturnZero => 0,
         _ => Z.query()(x),
     };
-    [a(x) + a(x + 1), B.query()(x), hooked, z, 9]
+    let hk = match HK.target() {
+        Target::Null => 0,
+        _ => x,
+    };
+    [
+        a(x) + a(x + 1),
+        B.query()(x),
+        hooked,
+        z,
+        9,
+        u64::from(BR.is_enabled()),
+        hk,
+    ]
 }
 
 // --- checking sites against their keys -------------------------------------------------------
@@ -109,6 +158,19 @@ enum Expect {
     Call(usize),
     Nop,
     Ret0,
+    /// A branch key, on or off.
+    Branch(bool),
+    /// A hook key: its call sites as for `Call` (or `Nop` when it has no target), its branch
+    /// sites on when it has a target.
+    Hook(Option<usize>),
+}
+
+/// A hook key's expectation.
+fn expect_hook(key: &StaticCall<extern "C" fn(u64)>) -> Expect {
+    match key.target() {
+        Target::Function(f) => Expect::Hook(Some(common::addr(f))),
+        _ => Expect::Hook(None),
+    }
 }
 
 fn expect<F: Copy>(key: &StaticCall<F>) -> Expect {
@@ -122,19 +184,6 @@ fn expect<F: Copy>(key: &StaticCall<F>) -> Expect {
 const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
 const RET0: [u8; 5] = [0x2e, 0x2e, 0x2e, 0x31, 0xc0];
 
-/// Whether the site is at home: a call site calling the trampoline, a tail site jumping to the
-/// tail entry.
-fn at_home(site: usize) -> bool {
-    let tail_entry = common::tail_entry();
-    let insn = common::decode(site);
-    let to = insn.near_branch64() as usize;
-    match insn.code() {
-        iced_x86::Code::Call_rel32_64 => to == trampoline(),
-        iced_x86::Code::Jmp_rel32_64 => to == tail_entry,
-        _ => false,
-    }
-}
-
 /// Whether the site's bytes do what its key says: call (or, a tail site, jump to) the target,
 /// directly or through its thunk, be the NOP or the `xor` of a null or return-zero key, or be at
 /// home.
@@ -143,10 +192,46 @@ fn agrees(site: usize, want: Expect) -> bool {
     if at_home(site) {
         return true;
     }
+    if let Some(b) = branch_at(site) {
+        let on = match want {
+            Expect::Branch(on) => on,
+            Expect::Hook(f) => f.is_some(),
+            _ => return false,
+        };
+        return read(site, 5) == patched_bytes(&b, on);
+    }
     match want {
-        Expect::Call(f) => call_destination(site) == Some(f),
-        Expect::Nop => bytes == NOP5,
+        Expect::Call(f) | Expect::Hook(Some(f)) => call_destination(site) == Some(f),
+        Expect::Nop | Expect::Hook(None) => bytes == NOP5,
         Expect::Ret0 => bytes == RET0,
+        Expect::Branch(_) => false,
+    }
+}
+
+/// The bytes of the patched branch site `b` for a key that is `on`.
+fn patched_bytes(b: &common::BranchBytes, on: bool) -> Vec<u8> {
+    match common::patched_branch(b, on) {
+        common::BranchState::Jump => {
+            let rel = (b.label as i64 - (b.site as i64 + 5)) as i32;
+            let mut v = vec![0xe9];
+            v.extend_from_slice(&rel.to_le_bytes());
+            v
+        }
+        _ => NOP5.to_vec(),
+    }
+}
+
+/// Whether the site is at its home: a call site calling the trampoline, a tail site jumping to
+/// the tail entry, a branch site jumping to its stub.
+fn at_home(site: usize) -> bool {
+    let insn = common::decode(site);
+    let to = insn.near_branch64() as usize;
+    match (branch_at(site), insn.code()) {
+        (Some(b), iced_x86::Code::Jmp_rel32_64) => to == b.stub,
+        (Some(_), _) => false,
+        (None, iced_x86::Code::Call_rel32_64) => to == trampoline(),
+        (None, iced_x86::Code::Jmp_rel32_64) => to == common::tail_entry(),
+        (None, _) => false,
     }
 }
 
@@ -206,6 +291,8 @@ fn keys_now() -> Vec<(&'static str, Vec<SiteInfo>, Expect)> {
         ("H", H.sites(), expect(&H)),
         ("Z", Z.sites(), expect(&Z)),
         ("F", F.sites(), expect(&F)),
+        ("BR", BR.sites(), Expect::Branch(BR.is_enabled())),
+        ("HK", HK.sites(), expect_hook(&HK)),
     ]
 }
 
@@ -586,7 +673,30 @@ scenario! {
 // --- every step of every operation, failed in turn -------------------------------------------
 
 /// The operations of the systematic test.
-const OPS: [&str; 4] = ["patch", "update", "batch", "unpatch_all"];
+const OPS: [&str; 6] = [
+    "patch",
+    "update",
+    "batch",
+    "unpatch_all",
+    "hook_on",
+    "hook_off",
+];
+
+/// Brings the keys to where `op` starts from: but for `patch`, the hook's call site (which runs
+/// only while it has a target) has run, so that both its kinds of site are registered and
+/// patched, and the hook is off, except for `hook_off`. (`patch` leaves every site to its first
+/// run under the faults.)
+fn set_up(op: &str) {
+    find_branches();
+    if op != "patch" {
+        HK.update(hk_note);
+        assert_eq!(every_key(1), every_key_expected(1));
+        static_call::flush();
+        if op != "hook_off" {
+            HK.set_null();
+        }
+    }
+}
 
 /// Runs one operation (after setting up for it) with the faults armed by `arm`, and returns
 /// its result.
@@ -609,8 +719,14 @@ fn run_op(op: &str, arm: impl FnOnce()) -> Result<(), Error> {
             .set_null(&H)
             .set_return_zero(&Z)
             .update(&F, PROBE_STRLEN.query())
+            .enable(&BR)
+            .update(&HK, PROBE_HK.query())
             .try_commit(),
         "unpatch_all" => static_call::unpatch_all(),
+        // Two phases: calls, then branches.
+        "hook_on" => HK.try_update(PROBE_HK.query()),
+        // Two phases: branches, then calls.
+        "hook_off" => HK.try_set_null(),
         _ => unreachable!(),
     }
 }
@@ -622,26 +738,42 @@ static PROBE_DBL: StaticCall<extern "C" fn(u64) -> u64> = StaticCall::new(dbl);
 static PROBE_TRI: StaticCall<extern "C" fn(u64) -> u64> = StaticCall::new(tri);
 static PROBE_STRLEN: StaticCall<unsafe extern "C" fn(*const c_char) -> usize> =
     StaticCall::new(libc::strlen);
+static PROBE_HK: StaticCall<extern "C" fn(u64)> = StaticCall::new(hk_note);
 
-/// The keys' targets as `(A, B, H, Z, F)` expectations.
-fn targets_now() -> [Expect; 5] {
-    [expect(&A), expect(&B), expect(&H), expect(&Z), expect(&F)]
+/// The keys' targets as `(A, B, H, Z, F, BR, HK)` expectations.
+fn targets_now() -> [Expect; 7] {
+    [
+        expect(&A),
+        expect(&B),
+        expect(&H),
+        expect(&Z),
+        expect(&F),
+        Expect::Branch(BR.is_enabled()),
+        expect_hook(&HK),
+    ]
 }
 
 /// The targets each operation's success gives.
-fn targets_after_success(op: &str) -> [Expect; 5] {
-    let now = targets_now();
+fn targets_after_success(op: &str) -> [Expect; 7] {
+    let mut after = targets_now();
     match op {
-        "update" => [expect(&PROBE_DBL), now[1], now[2], now[3], now[4]],
-        "batch" => [
-            expect(&PROBE_TRI),
-            expect(&PROBE_INC),
-            Expect::Nop,
-            Expect::Ret0,
-            expect(&PROBE_STRLEN),
-        ],
-        _ => now,
+        "update" => after[0] = expect(&PROBE_DBL),
+        "batch" => {
+            after = [
+                expect(&PROBE_TRI),
+                expect(&PROBE_INC),
+                Expect::Nop,
+                Expect::Ret0,
+                expect(&PROBE_STRLEN),
+                Expect::Branch(true),
+                expect_hook(&PROBE_HK),
+            ]
+        }
+        "hook_on" => after[6] = expect_hook(&PROBE_HK),
+        "hook_off" => after[6] = Expect::Hook(None),
+        _ => {}
     }
+    after
 }
 
 fn parse_step(name: &str) -> Step {
@@ -672,6 +804,7 @@ fn fault_child() {
             (step, nth, errno)
         })
         .collect();
+    set_up(&op);
     let before = targets_now();
     let success = targets_after_success(&op);
     let result = run_op(&op, || {
@@ -765,6 +898,8 @@ fn fault_child() {
         .update(&H, note)
         .update(&Z, dbl)
         .update(&F, my_strlen)
+        .enable(&BR)
+        .update(&HK, hk_note)
         .commit();
     assert_consistent(&keys_now(), None);
     assert_eq!(every_key(3), every_key_expected(3));

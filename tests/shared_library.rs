@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::{assert_calls, patching, sites_in};
+use common::{BranchState, assert_calls, branch_state, patching, scenario, sites_in};
 use static_call::{define_static_call, static_call};
 
 /// The library's report of one site (tests/cdylib/src/lib.rs).
@@ -479,4 +479,59 @@ fn the_library_pins_itself_rather_than_relying_on_its_thread() {
         "without a worker thread, nothing but static-call's own pin can keep the library \
          loaded, and it was unloaded:\n{no_worker}"
     );
+}
+
+/// The exported function `name` of the library `handle`, as a `T` (an `extern "C" fn` type).
+fn lookup<T: Copy>(handle: *mut c_void, name: &str) -> T {
+    assert_eq!(size_of::<T>(), size_of::<usize>());
+    let c = CString::new(name).unwrap();
+    let p = unsafe { libc::dlsym(handle, c.as_ptr()) };
+    assert!(!p.is_null(), "dlsym({name}): {}", dlerror());
+    // SAFETY: the caller names the type of the `extern "C"` function of that name in
+    // tests/cdylib/src/lib.rs.
+    unsafe { std::mem::transmute_copy::<*mut c_void, T>(&p) }
+}
+
+scenario! {
+    /// A `dlopen`ed library's own copy of the crate registers, proves and patches the library's
+    /// branch site (through its own branch entry), and switches it: NOP5 while off, `jmp` to a
+    /// label inside the library's code while on. In a child process, so that no other test sees
+    /// the library's code change.
+    fn a_dlopened_library_patches_its_own_branch_site() {
+        // (A closure, so that `return` still reports the scenario passed.)
+        let run = || {
+            if skip() {
+                return;
+            }
+            let path = library_path();
+            let handle = dlopen(path, libc::RTLD_NOW | libc::RTLD_LOCAL);
+            assert!(!handle.is_null(), "dlopen: {}", dlerror());
+            let branch: extern "C" fn(i32) -> i32 = lookup(handle, "sclib_branch");
+            let site_of: unsafe extern "C" fn(*mut usize) -> usize =
+                lookup(handle, "sclib_branch_site");
+            let function: extern "C" fn() -> usize = lookup(handle, "sclib_branch_function");
+            let key: extern "C" fn() -> usize = lookup(handle, "sclib_branch_key");
+            let b = common::only_branch(function(), key());
+            assert!(
+                code_ranges(path).iter().any(|&(s, e)| s <= b.site && b.site < e),
+                "the site is the library's: {b:x?}"
+            );
+            assert_eq!(branch_state(&b), BranchState::Home);
+            assert_eq!(branch(-1), 0, "off, through the stub");
+            let mut reported = [0usize; 2];
+            // SAFETY: two writable words.
+            assert_eq!(unsafe { site_of(reported.as_mut_ptr()) }, 1);
+            assert_eq!(reported, [b.site, 1], "registered and patched by the library's copy");
+            assert_eq!(branch_state(&b), BranchState::Nop);
+            assert_eq!(branch(1), 1);
+            assert_eq!(branch_state(&b), BranchState::Jump);
+            assert!(
+                code_ranges(path).iter().any(|&(s, e)| s <= b.label && b.label < e),
+                "the label is the library's code: {b:x?}"
+            );
+            assert_eq!(branch(0), 0);
+            assert_eq!(branch_state(&b), BranchState::Nop);
+        };
+        run();
+    }
 }

@@ -18,6 +18,11 @@
 //! - completeness on what LLVM emits: a site made of `4C 8D 1D`, LLVM padding and the call is
 //!   accepted with its key whenever the oracle finds it unambiguous.
 //!
+//! Branch sites have their own verifier (`prove_branch`: `jmp stub`, the stub's exact template)
+//! and their own oracle (`branch_oracle`, bytes only); the two must agree exactly on real sites
+//! and every mutation of them. `neither_proof_accepts_the_other_kind` feeds each verifier the
+//! other kind's sites. Tail sites likewise (`prove_tail_site`, `tail_oracle`).
+//!
 //! Bounded so that it takes a few seconds in a debug build. `STATIC_CALL_FUZZ_ITERS=<n>` sets the
 //! number of random cases per category (default `DEFAULT_ITERS`), `STATIC_CALL_FUZZ_SEED=<n>` the
 //! seed; each run prints both, and the accept/reject counts per category (`--nocapture`).
@@ -991,5 +996,213 @@ fn tail_oracle_knows_tail_sites_from_non_sites() {
         let mut r11_twice = c;
         r11_twice.code[TPRO - pad.len() - 5] = 0x1d;
         assert_eq!(tail_oracle(&r11_twice), Verdict::NotProven);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Branch sites: `jmp stub` and the stub's exact template (see `arch::x86_64::prove_branch`).
+
+use static_call::__private::{BRANCH_STUB_LEN, prove_branch};
+
+const STUB: usize = 27;
+const _: () = assert!(BRANCH_STUB_LEN == STUB);
+
+/// One input to the branch verifier: the site's five bytes at `site`, its stub's bytes (at the
+/// address the site's `jmp` reaches) and the branch entry's address.
+#[derive(Clone, Copy)]
+struct BranchCase {
+    insn: [u8; 5],
+    site: u64,
+    stub: [u8; STUB],
+    entry: u64,
+}
+
+/// What the oracle says: the key, label and polarity, or nothing.
+type BranchVerdict = Option<(u64, u64, bool)>;
+
+fn rel32_at(b: &[u8], at: usize) -> i64 {
+    i32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as i64
+}
+
+/// Bytes only: `E9 rel32` at the site; in the stub `REX.B 53` (push r11), `REX.WR 8D 1D d32`
+/// (lea r11, [rip + d32]), `E8 rel32` to the entry, `REX.B 5B` (pop r11), `0F 85`/`0F 84 rel32`,
+/// `E9 rel32` back to the site + 5.
+fn branch_oracle(c: &BranchCase) -> BranchVerdict {
+    if c.insn[0] != 0xe9 {
+        return None;
+    }
+    let stub = (c.site + 5).wrapping_add(rel32_at(&c.insn, 1) as u64);
+    let s = &c.stub;
+    let rex_b = |b: u8| b & 0xf1 == 0x41;
+    let at = |off: usize| stub.wrapping_add(off as u64);
+    let ok = rex_b(s[0])
+        && s[1] == 0x53
+        && is_lea_r11_rex(s[2])
+        && s[3] == 0x8d
+        && s[4] == 0x1d
+        && s[9] == 0xe8
+        && at(14).wrapping_add(rel32_at(s, 10) as u64) == c.entry
+        && rex_b(s[14])
+        && s[15] == 0x5b
+        && s[16] == 0x0f
+        && (s[17] == 0x85 || s[17] == 0x84)
+        && s[22] == 0xe9
+        && at(27).wrapping_add(rel32_at(s, 23) as u64) == c.site + 5;
+    ok.then(|| {
+        let key = at(9).wrapping_add(rel32_at(s, 5) as u64);
+        let label = at(22).wrapping_add(rel32_at(s, 18) as u64);
+        (key, label, s[17] == 0x84)
+    })
+}
+
+/// A real branch site (likely-true or not) with its stub, as our macro emits it.
+fn real_branch(rng: &mut Rng, likely_true: bool) -> (BranchCase, (u64, u64, bool)) {
+    let site = rng.call_at() + rng.below(4) as u64;
+    let stub = (site + 5).wrapping_add(rng.next() as i32 as i64 as u64);
+    let entry = (stub + 14).wrapping_add(rng.next() as i32 as i64 as u64);
+    let key = (stub + 9).wrapping_add(rng.next() as i32 as i64 as u64);
+    let label = (stub + 22).wrapping_add(rng.next() as i32 as i64 as u64);
+    let rel = |to: u64, end: u64| (to.wrapping_sub(end) as i64 as i32).to_le_bytes();
+    let mut insn = [0xe9, 0, 0, 0, 0];
+    insn[1..].copy_from_slice(&rel(stub, site + 5));
+    let mut s = [0u8; STUB];
+    s[..5].copy_from_slice(&[0x41, 0x53, 0x4c, 0x8d, 0x1d]);
+    s[5..9].copy_from_slice(&rel(key, stub + 9));
+    s[9] = 0xe8;
+    s[10..14].copy_from_slice(&rel(entry, stub + 14));
+    s[14..18].copy_from_slice(&[0x41, 0x5b, 0x0f, if likely_true { 0x84 } else { 0x85 }]);
+    s[18..22].copy_from_slice(&rel(label, stub + 22));
+    s[22] = 0xe9;
+    s[23..27].copy_from_slice(&rel(site + 5, stub + 27));
+    let c = BranchCase {
+        insn,
+        site,
+        stub: s,
+        entry,
+    };
+    (c, (key, label, likely_true))
+}
+
+/// The verifier against the oracle on one case: they must agree exactly (the template is rigid:
+/// nothing the oracle accepts may be refused, nothing it refuses accepted). Returns the answer.
+#[track_caller]
+fn check_branch(what: &str, c: &BranchCase) -> BranchVerdict {
+    let got = prove_branch(&c.insn, c.site, &c.stub, c.entry).ok();
+    let want = branch_oracle(c);
+    assert_eq!(
+        got, want,
+        "[{what}] site {:#x} {:02x?} stub {:02x?} entry {:#x}",
+        c.site, c.insn, c.stub, c.entry
+    );
+    got
+}
+
+#[test]
+fn branch_verifier_agrees_with_its_oracle() {
+    let iters = env_u64("STATIC_CALL_FUZZ_ITERS", DEFAULT_ITERS) / 10;
+    let seed = env_u64("STATIC_CALL_FUZZ_SEED", DEFAULT_SEED);
+    let mut rng = Rng(seed ^ 0xb4a2c4);
+    let (mut accepted, mut rejected) = (0u64, 0u64);
+    let mut count = |v: BranchVerdict| {
+        if v.is_some() {
+            accepted += 1
+        } else {
+            rejected += 1
+        }
+    };
+    for likely_true in [false, true] {
+        // Real sites are accepted with what they bind.
+        for _ in 0..iters.max(1) {
+            let (c, want) = real_branch(&mut rng, likely_true);
+            assert_eq!(check_branch("real branch site", &c), Some(want));
+        }
+        // Every single-byte change at every position of the site and of the stub.
+        let (base, _) = real_branch(&mut rng, likely_true);
+        for pos in 0..5 + STUB {
+            for v in 0..=255u8 {
+                let mut c = base;
+                let b = if pos < 5 {
+                    &mut c.insn[pos]
+                } else {
+                    &mut c.stub[pos - 5]
+                };
+                if *b != v {
+                    *b = v;
+                    count(check_branch("1-byte change", &c));
+                }
+            }
+        }
+    }
+    // Random changes, and a wrong entry.
+    for _ in 0..iters {
+        let likely_true = rng.chance(2);
+        let (mut c, _) = real_branch(&mut rng, likely_true);
+        for _ in 0..1 + rng.below(3) {
+            let pos = rng.below(5 + STUB);
+            let v = rng.byte();
+            if pos < 5 {
+                c.insn[pos] = v;
+            } else {
+                c.stub[pos - 5] = v;
+            }
+        }
+        count(check_branch("random changes", &c));
+        let (mut c, _) = real_branch(&mut rng, false);
+        c.entry = c
+            .entry
+            .wrapping_add(rng.pick(&[1u64, 5, u64::MAX, 1 << 32]));
+        assert_eq!(check_branch("another entry", &c), None);
+    }
+    eprintln!("branch verifier: {accepted} mutants accepted, {rejected} rejected");
+    assert!(accepted > 0 && rejected > 0);
+}
+
+/// Neither proof accepts the other kind's site: a call site's `call <trampoline>` is no
+/// branch site's `jmp <stub>`, a branch site's `jmp` is no `call <trampoline>`, and a stub's
+/// `lea r11` + `call <branch entry>` (which looks like a call site) calls the branch entry, never
+/// the trampoline.
+#[test]
+fn neither_proof_accepts_the_other_kind() {
+    let mut rng = Rng(7);
+    for i in 0..10_000 {
+        // A call site, handed to the branch verifier with a stub of a real branch site.
+        let pad = LLVM_PADS[i % LLVM_PADS.len()];
+        let (call, _) = real_site(&mut rng, pad, i % 2 == 0);
+        let (branch, _) = real_branch(&mut rng, i % 3 == 0);
+        let call_insn: [u8; 5] = call.code[PRO..].try_into().unwrap();
+        let call_at = call.start + PRO as u64;
+        let as_branch = BranchCase {
+            insn: call_insn,
+            site: call_at,
+            stub: branch.stub,
+            entry: branch.entry,
+        };
+        assert_eq!(check_branch("a call site", &as_branch), None);
+        assert!(prove_branch(&call_insn, call_at, &branch.stub, call.tramp).is_err());
+
+        // A branch site's `jmp`, after our padding and a key binding, to the call verifier:
+        // whatever the trampoline's address, even the stub's.
+        let mut code = call.code;
+        code[PRO..].copy_from_slice(&branch.insn);
+        let start = branch.site - PRO as u64;
+        let stub_at = (branch.site + 5).wrapping_add(rel32_at(&branch.insn, 1) as u64);
+        for tramp in [call.tramp, stub_at, branch.entry] {
+            assert_eq!(prove_site(&code, start, tramp), Err(Reason::NotASite));
+        }
+
+        // The stub's own `lea r11` + `call <entry>`, as a call site: not the trampoline.
+        let mut window = [0xcc; LEN];
+        window[PRO - 9..].copy_from_slice(&branch.stub[..14]);
+        let stub_call_at = stub_at + 9;
+        let start = stub_call_at - PRO as u64;
+        assert_eq!(
+            prove_site(&window, start, call.tramp),
+            Err(Reason::NotASite),
+            "a stub's call reaches the branch entry, not the trampoline"
+        );
+        assert!(
+            prove_site(&window, start, branch.entry).is_ok(),
+            "(the same bytes would be a call site if both entries were one: they must not be)"
+        );
     }
 }

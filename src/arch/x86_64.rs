@@ -62,7 +62,7 @@ pub const RET0: Insn = [0x2e, 0x2e, 0x2e, 0x31, 0xc0];
 pub enum SiteInsn {
     /// `call dest`.
     Call(usize),
-    /// `jmp dest`.
+    /// `jmp dest`: a tail site's target, or the label of a branch site that takes its branch.
     Jmp(usize),
     /// Nothing (a key with no target).
     Nop,
@@ -284,6 +284,110 @@ fn only_nops(bytes: &[u8], ip: u64) -> bool {
     // `can_decode` is false exactly when every byte was consumed; an instruction running past
     // the end would have decoded as invalid above.
     true
+}
+
+/// A branch site's out-of-line stub, as `branch.rs` emits it (`STUB_LEN` bytes at `S`):
+///
+/// ```text
+/// S + 0:   41 53           push r11
+/// S + 2:   4C 8D 1D d32    lea  r11, [rip + KEY]    the key binding
+/// S + 9:   E8 r32          call <branch entry>      returns the key's state in ZF (1 = off)
+/// S + 14:  41 5B           pop  r11
+/// S + 16:  0F 85 r32       jnz  LABEL               likely-false sites; `0F 84` (jz) for likely-true
+/// S + 22:  E9 r32          jmp  SITE + 5            back to the fall-through path
+/// ```
+///
+/// and the site itself is the five bytes `E9 rel32` (`jmp S`) inside one aligned quadword.
+pub const STUB_LEN: usize = 27;
+/// Offset in the stub of the instruction the branch entry returns to (`pop r11`).
+pub const STUB_RET: usize = 14;
+
+/// What the bytes of a branch site and its stub prove.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BranchSite {
+    /// The key the stub's `lea` binds.
+    pub key: u64,
+    /// Where the site jumps when it takes its branch: the `jcc` target.
+    pub label: u64,
+    /// The stub (the site's home is `jmp stub`).
+    pub stub: u64,
+    /// Likely-true: the fall-through is the *on* path and the stub's `jcc` is `jz` (to the off
+    /// path). Likely-false (the default): fall-through off, `jnz` to the on path.
+    pub likely_true: bool,
+}
+
+/// The address of the stub a branch site at `site` jumps to while unpatched, if its five bytes
+/// `insn` are a `jmp rel32`.
+pub fn branch_stub(insn: &Insn, site: u64) -> Option<u64> {
+    let jmp = decode_one(insn, site)?;
+    (jmp.code() == Code::Jmp_rel32_64).then(|| jmp.near_branch64())
+}
+
+/// Proves that `insn` (the five bytes at `site`) and `stub` (the `STUB_LEN` bytes at
+/// `branch_stub(insn, site)`) are one of our branch sites as compiled, reaching the branch
+/// entry `entry`, and returns what they bind.
+///
+/// Every instruction of the stub is decoded and must be exactly the template above: its
+/// `call` must reach `entry` (which only branch stubs call: a call site's `call <trampoline>`
+/// fails step one here, a branch site fails the call proof's), and its last `jmp` must return to
+/// `site + 5`, so the stub belongs to this very site. Then a patched site does what the stub
+/// does for the key's state: `jmp LABEL` is the `jcc` taken, a NOP5 the `jmp site + 5`.
+///
+/// As for call sites, an asm block is indivisible: the compiler never jumps into the stub, so
+/// every execution of the site's `jmp` runs the proven `lea` and `jcc`.
+pub fn prove_branch(insn: &Insn, site: u64, stub: &[u8], entry: u64) -> Result<BranchSite, Reason> {
+    let at = branch_stub(insn, site).ok_or(Reason::NotASite)?;
+    if stub.len() != STUB_LEN {
+        return Err(Reason::NotASite);
+    }
+    let mut decoder = Decoder::with_ip(64, stub, at, DecoderOptions::NONE);
+    // The next instruction if it is `code`, `len` bytes long (`Code::INVALID`: whatever it is).
+    let mut next = |code: Code, len: usize| {
+        let insn = decoder.decode();
+        let wanted = code == Code::INVALID || (insn.code() == code && insn.len() == len);
+        (!insn.is_invalid() && wanted).then_some(insn)
+    };
+    let push = next(Code::Push_r64, 2).filter(|i| i.op0_register() == Register::R11);
+    push.ok_or(Reason::NotASite)?;
+    let lea = next(Code::Lea_r64_m, LEA_LEN).ok_or(Reason::NotASite)?;
+    let call = next(Code::Call_rel32_64, INSN_LEN).filter(|c| c.near_branch64() == entry);
+    call.ok_or(Reason::NotASite)?;
+    let pop = next(Code::Pop_r64, 2).filter(|i| i.op0_register() == Register::R11);
+    pop.ok_or(Reason::NotASite)?;
+    let jcc = next(Code::INVALID, 0).unwrap_or_else(iced_x86::Instruction::default);
+    let likely_true = match (jcc.code(), jcc.len()) {
+        (Code::Jne_rel32_64, 6) => false,
+        (Code::Je_rel32_64, 6) => true,
+        _ => return Err(Reason::NotASite),
+    };
+    let back = next(Code::Jmp_rel32_64, INSN_LEN).filter(|j| j.near_branch64() == site + 5);
+    back.ok_or(Reason::NotASite)?;
+    let binds = lea.op0_register() == Register::R11
+        && lea.is_ip_rel_memory_operand()
+        && lea.memory_index() == Register::None;
+    if !binds {
+        return Err(Reason::KeyNotProven);
+    }
+    Ok(BranchSite {
+        key: lea.ip_rel_memory_address(),
+        label: jcc.near_branch64(),
+        stub: at,
+        likely_true,
+    })
+}
+
+/// The site a branch stub belongs to, from the bytes `tail` that follow the stub's `call` (the
+/// branch entry's return address is `ret`): `pop r11`, a `jcc rel32` and `jmp site + 5`. Byte
+/// matching only (no decoder): the branch entry's slow path runs this, in any context.
+pub fn branch_site_of(tail: &[u8; STUB_LEN - STUB_RET], ret: usize) -> Option<usize> {
+    let jcc_ok = tail[2] == 0x0f && (tail[3] == 0x85 || tail[3] == 0x84);
+    if tail[..2] != [0x41, 0x5b] || !jcc_ok || tail[8] != 0xe9 {
+        return None;
+    }
+    let rel = i32::from_le_bytes(tail[9..13].try_into().expect("four bytes"));
+    let end = ret.wrapping_add(tail.len());
+    end.wrapping_add(rel as isize as usize)
+        .checked_sub(INSN_LEN)
 }
 
 /// Decodes exactly one instruction that spans all of `bytes`.

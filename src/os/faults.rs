@@ -52,9 +52,12 @@ pub enum Point {
     InitWindow,
     /// In the patcher, right after an index was popped from the patch queue.
     AfterPop,
+    /// In an update written in two phases (a hook gaining or losing its target), after the
+    /// first phase's writes and core sync, before the second publishes anything.
+    BetweenPhases,
 }
 
-const POINTS: usize = 2;
+const POINTS: usize = 3;
 static HOOKS: [AtomicUsize; POINTS] = [const { AtomicUsize::new(0) }; POINTS];
 
 /// Makes the `nth` occurrence (from 1, counting from the last [`reset`]) of `step` fail with

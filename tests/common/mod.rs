@@ -456,3 +456,121 @@ pub fn debugger_poke(addr: usize, byte: u8) {
     mem.write_all(&[byte])
         .expect("write through /proc/self/mem");
 }
+
+// --- branch sites ----------------------------------------------------------------------------
+
+/// A branch site found in machine code before its first run, from its own bytes: the `jmp` to
+/// its out-of-line stub, and what the stub says (decoded here independently of the library).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BranchBytes {
+    /// The five rewritable bytes (`jmp stub` until patched).
+    pub site: usize,
+    pub stub: usize,
+    /// Where the site jumps when it takes its branch (the stub's `jcc` target).
+    pub label: usize,
+    /// `jz` in the stub: the fall-through is the *on* side.
+    pub likely_true: bool,
+    /// The key the stub's `lea r11` binds.
+    pub key: usize,
+}
+
+/// What a branch site's five bytes are now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BranchState {
+    /// `jmp stub`: unpatched, every run asks the branch entry.
+    Home,
+    /// The 5-byte NOP: falls through.
+    Nop,
+    /// `jmp label`: takes the branch.
+    Jump,
+}
+
+/// Decodes the stub a branch site's `jmp` reaches, if it is one.
+pub fn decode_stub(site: usize, stub: usize) -> Option<BranchBytes> {
+    let bytes = read(stub, 27);
+    let mut d = Decoder::with_ip(64, &bytes, stub as u64, DecoderOptions::NONE);
+    let push = d.decode();
+    let lea = d.decode();
+    let call = d.decode();
+    let pop = d.decode();
+    let jcc = d.decode();
+    let back = d.decode();
+    let ok = push.code() == Code::Push_r64
+        && push.op0_register() == Register::R11
+        && lea.code() == Code::Lea_r64_m
+        && lea.op0_register() == Register::R11
+        && lea.is_ip_rel_memory_operand()
+        && call.code() == Code::Call_rel32_64
+        && pop.code() == Code::Pop_r64
+        && pop.op0_register() == Register::R11
+        && matches!(jcc.code(), Code::Jne_rel32_64 | Code::Je_rel32_64)
+        && back.code() == Code::Jmp_rel32_64
+        && back.near_branch64() as usize == site + 5;
+    ok.then(|| BranchBytes {
+        site,
+        stub,
+        label: jcc.near_branch64() as usize,
+        likely_true: jcc.code() == Code::Je_rel32_64,
+        key: lea.ip_rel_memory_address() as usize,
+    })
+}
+
+/// The branch sites of `key` in the code at `func` (up to its first `ret`, at most `len` bytes),
+/// found by their `jmp` to a stub that binds `key`. Only sites that have not been patched yet
+/// can be found this way.
+pub fn branch_sites_in(func: usize, len: usize, key: usize) -> Vec<BranchBytes> {
+    let bytes = read(func, len);
+    let mut out = Vec::new();
+    for insn in Decoder::with_ip(64, &bytes, func as u64, DecoderOptions::NONE).iter() {
+        if insn.code() == Code::Jmp_rel32_64
+            && let Some(b) = decode_stub(insn.ip() as usize, insn.near_branch64() as usize)
+            && b.key == key
+        {
+            out.push(b);
+        }
+        if insn.mnemonic() == Mnemonic::Ret {
+            break;
+        }
+    }
+    out
+}
+
+/// The one branch site of `key` in `func`.
+#[track_caller]
+pub fn only_branch(func: usize, key: usize) -> BranchBytes {
+    let sites = branch_sites_in(func, 4096, key);
+    assert_eq!(
+        sites.len(),
+        1,
+        "expected one branch site of {key:#x} in {func:#x}, found {sites:x?} in\n{}",
+        disassemble(func, 4096)
+    );
+    sites[0]
+}
+
+/// What the branch site `b` holds now; panics on anything but its home, NOP5 or `jmp label`.
+#[track_caller]
+pub fn branch_state(b: &BranchBytes) -> BranchState {
+    let insn = decode(b.site);
+    let bytes = read(b.site, 5);
+    match (insn.code(), insn.near_branch64() as usize) {
+        (Code::Jmp_rel32_64, to) if to == b.stub => BranchState::Home,
+        (Code::Jmp_rel32_64, to) if to == b.label => BranchState::Jump,
+        _ if bytes == [0x0f, 0x1f, 0x44, 0x00, 0x00] => BranchState::Nop,
+        _ => panic!(
+            "branch site {:#x} holds `{}` ({bytes:02x?}), none of its three states",
+            b.site,
+            format(&insn)
+        ),
+    }
+}
+
+/// Whether the patched branch site `b` takes its branch with the key `on`: what its bytes must
+/// be, patched.
+pub fn patched_branch(b: &BranchBytes, on: bool) -> BranchState {
+    if on != b.likely_true {
+        BranchState::Jump
+    } else {
+        BranchState::Nop
+    }
+}

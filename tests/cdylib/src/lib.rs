@@ -2,9 +2,10 @@
 //! tests/shared_library.rs. Everything it exports is `extern "C"` and `no_mangle`, so the test
 //! finds it with `dlsym`; the test decodes the library's site bytes itself (same address space).
 //!
-//! Its three sites live in `sclib_call`: two of `LIB_A`, one of `LIB_B`.
+//! Its three call sites live in `sclib_call`: two of `LIB_A`, one of `LIB_B`. Its one branch site
+//! (of `LIB_BRANCH`) lives in `sclib_branch`.
 
-use static_call::{SiteState, define_static_call, static_call};
+use static_call::{SiteState, define_static_branch, define_static_call, static_branch, static_call};
 
 extern "C" fn add1(x: i64) -> i64 {
     x + 1
@@ -142,4 +143,57 @@ pub extern "C" fn sclib_spawn_parked_thread() {
             std::thread::park();
         }
     });
+}
+
+define_static_branch!(LIB_BRANCH: bool = false);
+
+/// The library's branch site.
+#[inline(never)]
+fn lib_branch_site() -> bool {
+    static_branch!(LIB_BRANCH)
+}
+
+/// Switches `LIB_BRANCH` (`set` 0 or 1; -1 leaves it) and runs its site: 1 if it took its branch.
+#[unsafe(no_mangle)]
+pub extern "C" fn sclib_branch(set: i32) -> i32 {
+    if set >= 0 {
+        LIB_BRANCH.set(set == 1);
+    }
+    i32::from(lib_branch_site())
+}
+
+/// The branch site's address and state (0 pending, 1 patched, 2 stub, 3 other) into `out`, as
+/// the library's copy reports it; returns the number of sites.
+///
+/// # Safety
+/// `out` points to two writable `usize`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sclib_branch_site(out: *mut usize) -> usize {
+    static_call::flush();
+    let sites = LIB_BRANCH.sites();
+    if let Some(site) = sites.first() {
+        let state = match site.state {
+            SiteState::Pending => 0,
+            SiteState::Patched => 1,
+            SiteState::Trampoline(_) => 2,
+            _ => 3,
+        };
+        // SAFETY: by the caller's promise.
+        unsafe { out.write(site.address) };
+        // SAFETY: by the caller's promise.
+        unsafe { out.add(1).write(state) };
+    }
+    sites.len()
+}
+
+/// The function holding the branch site, whose code the test scans for the site before it runs.
+#[unsafe(no_mangle)]
+pub extern "C" fn sclib_branch_function() -> usize {
+    lib_branch_site as fn() -> bool as usize
+}
+
+/// `LIB_BRANCH`'s address, which the branch site's stub binds.
+#[unsafe(no_mangle)]
+pub extern "C" fn sclib_branch_key() -> usize {
+    LIB_BRANCH.as_ptr() as usize
 }
