@@ -41,10 +41,11 @@ use crate::key::{Batch, RawKey, RawTarget};
 mod entry {
     use super::*;
     use crate::arch::x86_64::{self as arch, STUB_LEN, STUB_RET};
+    use crate::key::{MODE_MASK, MODE_NULL, MODE_OFF, MODE_WORD_OFFSET};
     use crate::kinds::Kind;
     use crate::os::linux;
     use crate::{runtime, trampoline};
-    use core::sync::atomic::AtomicU32;
+    use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
     unsafe extern "C" {
         /// The branch entry. Its symbol carries the crate version (two copies of the crate link
@@ -65,12 +66,41 @@ mod entry {
     /// first entry asks CPUID. Written and read by the entry only (plain aligned 32-bit moves).
     pub(super) static XSTATE_AREA: AtomicU32 = AtomicU32::new(0);
 
+    /// Entries of the table of registered sites (a power of two).
+    const SEEN: usize = 4096;
+
+    /// The return addresses (stub `pop r11`s) of sites whose registration is done: the entry
+    /// answers them from the key's mode word alone, without saving anything or calling Rust. A
+    /// direct-mapped table indexed by `(ret >> 2) % SEEN`: a slot taken by another site, or
+    /// cleared, only sends a run down the slow path again. Relaxed throughout: it is a hint, and
+    /// what it stands for (the site's slot is queued or settled) never goes back.
+    static REGISTERED: [AtomicUsize; SEEN] = [const { AtomicUsize::new(0) }; SEEN];
+
     core::arch::global_asm!(
         include_str!("../asm/branch_x86_64.S"),
         entry = sym branch_entry,
         slow = sym branch_slow_path,
         area = sym XSTATE_AREA,
+        seen = sym REGISTERED,
+        seen_mask = const SEEN - 1,
+        mode_at = const MODE_WORD_OFFSET,
+        mode_mask = const MODE_MASK,
+        mode_null = const MODE_NULL,
+        mode_off = const MODE_OFF,
     );
+
+    /// Notes that the site whose stub returns to `ret` needs no more registering.
+    fn remember(ret: usize) {
+        REGISTERED[(ret >> 2) % SEEN].store(ret, Ordering::Relaxed);
+    }
+
+    /// Forgets every registered site (in a forked child, whose queued sites must queue again on
+    /// their next run). Async-signal-safe: stores only.
+    pub(crate) fn forget_registered() {
+        for seen in &REGISTERED {
+            seen.store(0, Ordering::Relaxed);
+        }
+    }
 
     /// The branch entry's address, which every branch stub calls.
     pub(crate) fn entry() -> usize {
@@ -87,8 +117,13 @@ mod entry {
         // fields of statics), so the reference is valid for 'static.
         let key: &'static RawKey = unsafe { &*key };
         trampoline::alignment_canary();
-        if let Some(site) = site_of(ret) {
-            trampoline::register(key, site, Kind::Branch);
+        let done = match site_of(ret) {
+            Some(site) => trampoline::register(key, site, Kind::Branch),
+            // Not one of our stubs (or the library is initialising): nothing to register.
+            None => runtime::get().is_some(),
+        };
+        if done {
+            remember(ret);
         }
         key.__branch_on()
     }
@@ -111,7 +146,7 @@ mod entry {
 #[doc(hidden)]
 pub use entry::branch_entry;
 #[cfg(static_call_patching)]
-pub(crate) use entry::entry;
+pub(crate) use entry::{entry, forget_registered};
 
 /// A static branch: a condition that is a 5-byte NOP while false and a `jmp` while true, for
 /// code that is usually off (tracing, debugging aids, rarely used features). Define one with

@@ -30,11 +30,11 @@ pub(crate) enum RawTarget {
 }
 
 const MODE_CALL: usize = 0;
-const MODE_NULL: usize = 1;
+pub(crate) const MODE_NULL: usize = 1;
 const MODE_RET0: usize = 2;
-const MODE_OFF: usize = 3;
+pub(crate) const MODE_OFF: usize = 3;
 const MODE_ON: usize = 4;
-const MODE_MASK: usize = 7;
+pub(crate) const MODE_MASK: usize = 7;
 const MODE_BITS: u32 = 3;
 
 impl RawTarget {
@@ -84,6 +84,11 @@ pub struct RawKey {
     pub(crate) func: AtomicPtr<()>,
     sites: AtomicUsize,
 }
+
+/// Where in a key its mode word is, for the branch entry's fast path (`asm/branch_x86_64.S`),
+/// which reads the mode in its low byte (little-endian).
+#[cfg_attr(not(static_call_patching), allow(dead_code))]
+pub(crate) const MODE_WORD_OFFSET: usize = core::mem::offset_of!(RawKey, sites);
 
 impl RawKey {
     pub(crate) const fn new(target: RawTarget) -> Self {

@@ -94,17 +94,22 @@ pub(crate) fn alignment_canary() {
 /// Makes sure the site of `kind` whose five rewritable bytes are at `site` is registered and, if
 /// it is new, queued for the patcher. Best effort: whatever happens, the caller then calls the
 /// key's current target through the trampoline, which is always correct.
-pub(crate) fn register(key: &'static RawKey, site: usize, kind: Kind) {
+///
+/// Returns whether later runs of the site need not come here again: it is queued or settled (or
+/// the registry is full). False while the library initialises (re-entry) or while the site
+/// waits in RETRY for a later run to queue it.
+pub(crate) fn register(key: &'static RawKey, site: usize, kind: Kind) -> bool {
     let Some(rt) = runtime::get_or_init() else {
-        return;
+        return false;
     };
-    match rt.registry.find_or_claim(site) {
+    let slot = match rt.registry.find_or_claim(site) {
         // The common case for a site that keeps running through the trampoline (unpatchable, or
         // still queued): loads only.
         Lookup::Found(slot, index) => {
             if slot.state.load(Ordering::Relaxed) == RETRY {
                 requeue(slot, index);
             }
+            slot
         }
         Lookup::Claimed(slot, index) => {
             slot.key
@@ -124,13 +129,17 @@ pub(crate) fn register(key: &'static RawKey, site: usize, kind: Kind) {
                     slot.state.store(SETTLED, Ordering::Release);
                 }
             }
+            slot
         }
         Lookup::Full => {
             if !runtime::REGISTRY_FULL.load(Ordering::Relaxed) {
                 runtime::REGISTRY_FULL.store(true, Ordering::Relaxed);
             }
+            return true;
         }
-    }
+    };
+    // Relaxed: a hint for the branch entry's cache; a stale answer only costs a slow path.
+    matches!(slot.state.load(Ordering::Relaxed), QUEUED | SETTLED)
 }
 
 /// Pushes a QUEUED slot; on a full queue, leaves it for a later call (RETRY).

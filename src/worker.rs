@@ -246,6 +246,7 @@ extern "C" fn parent() {
 /// one that its next call queues again, note that there is no worker, and release the lock.
 extern "C" fn child() {
     QUEUE.store(new_queue(), Ordering::Release);
+    crate::branch::forget_registered();
     WORKER.store(NOT_STARTED, Ordering::Relaxed);
     SLEEPING.store(0, Ordering::Relaxed);
     runtime::reset_in_child();

@@ -88,8 +88,9 @@ static REGS_KEY: StaticBranch = StaticBranch::new(true);
 // r14 r15, then r11) and the vector registers from `vec_in` (level 0: xmm0-15; 1: ymm0-15; 2:
 // zmm0-31 and k1-k7), calls the branch entry exactly as a stub does (`push r11; lea r11, [rip +
 // KEY]; call entry; pop r11`), and stores them all into `gp_out` (then the flags, at index 15)
-// and `vec_out`. Not a stub's tail after the call, so nothing is registered; the stack is
-// misaligned for the call on purpose (rsp = 0 mod 16 at the entry), which the entry must cope with.
+// and `vec_out`. The first call goes down the entry's slow path (saving everything, calling Rust),
+// later ones down its fast path (the return address is then known). The stack is misaligned for
+// the call on purpose (rsp = 0 mod 16 at the entry), which the entry must cope with.
 core::arch::global_asm!(
     ".pushsection .text.static_call_test_through_entry,\"ax\",@progbits",
     ".globl static_call_test_through_entry",
@@ -141,7 +142,17 @@ core::arch::global_asm!(
     "push r11",
     "lea r11, [rip + {key}]",
     "call {entry}",
+    // A stub's tail (`pop r11`, `jnz rel32`, `jmp rel32`), written as bytes so the assembler
+    // cannot shorten the jumps: the slow path reads it, takes the `jmp` for a site (which its
+    // proof then refuses: it is no branch site), registers it and remembers the return address,
+    // so that the next call goes down the entry's fast path. Both jumps land on `42:`, leaving
+    // the flags as the entry set them.
     "pop r11",
+    ".byte 0x0f, 0x85",
+    ".long 42f - . - 4",
+    ".byte 0xe9",
+    ".long 42f - . - 4",
+    "42:",
     "pushfq",
     "push r11",
     "mov r11, [rsp + 32]",
@@ -271,8 +282,9 @@ fn levels() -> Vec<u32> {
 scenario! {
         /// The branch entry gives back every register, as a branch site's asm block (which declares
     /// no clobbers) needs: the general-purpose ones, xmm0-15, ymm0-15, zmm0-31 and k1-k7 as far
-    /// as the CPU has them. First in a fresh process, where the entry initialises the library
-    /// (allocations, libc's AVX memcpy...), then again.
+    /// as the CPU has them. First in a fresh process, where the entry's slow path initialises the
+    /// library (allocations, libc's AVX memcpy...), then again, down its fast path (the site is
+    /// known), with the key on and off.
     fn the_branch_entry_preserves_every_register() {
         let levels = levels();
         let top = *levels.last().unwrap();
