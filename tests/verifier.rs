@@ -1204,5 +1204,30 @@ fn neither_proof_accepts_the_other_kind() {
             prove_site(&window, start, branch.entry).is_ok(),
             "(the same bytes would be a call site if both entries were one: they must not be)"
         );
+
+        // A tail site's `jmp <tail entry>` to the branch verifier (with a real stub), and a
+        // branch site's `jmp <stub>` (with a real tail site's prologue and `ret`) to the tail
+        // verifier. (Both are `E9 rel32`: what tells them apart is where they jump, the tail
+        // entry or a stub, which are never the same address.)
+        let (tail, _) = real_tail_site(&mut rng, pad, i % 2 == 0);
+        let tail_insn: [u8; 5] = tail.code[TPRO..TPRO + 5].try_into().unwrap();
+        let tail_at = tail.start + TPRO as u64;
+        let tail_as_branch = BranchCase {
+            insn: tail_insn,
+            site: tail_at,
+            stub: branch.stub,
+            entry: branch.entry,
+        };
+        assert_eq!(check_branch("a tail site", &tail_as_branch), None);
+        assert!(prove_branch(&tail_insn, tail_at, &branch.stub, tail.entry).is_err());
+        let mut code = tail.code;
+        code[TPRO..TPRO + 5].copy_from_slice(&branch.insn);
+        let start = branch.site - TPRO as u64;
+        for entry in [tail.entry, branch.entry] {
+            assert!(
+                static_call::__private::prove_tail_site(&code, start, entry).is_err(),
+                "a branch site proven as a tail site"
+            );
+        }
     }
 }
