@@ -12,11 +12,14 @@
 //! `ON(k)` means `disable()` had not begun.)
 //!
 //! Bounded: runs for `RUN_MS` milliseconds (`STATIC_CALL_STRESS_MS` overrides), over `SITES`
-//! branch sites.
+//! branch sites, and then on (up to `MAX_RUNS` times as long) only until every tester has
+//! checked a test in a stable window of each side: on a loaded 2-core machine a tester can be
+//! descheduled through every window of one side, and a run that checked nothing proves nothing.
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use static_call::{
@@ -25,6 +28,9 @@ use static_call::{
 };
 
 const RUN_MS: u64 = 2000;
+/// The run goes on past `RUN_MS` until every tester checked both sides, but never past this many
+/// times `RUN_MS`.
+const MAX_RUNS: u32 = 5;
 const TESTERS: usize = 3;
 /// Branch sites in `test_branch`.
 const SITES: u64 = 64;
@@ -94,8 +100,23 @@ struct Tally {
     dropped: u64,
 }
 
-/// Tests branches (through `test`) until `stop`, checking each test that ran inside one window.
-fn tester(id: u64, window: &AtomicU64, stop: &AtomicBool, test: fn(u64) -> Outcome) -> Tally {
+/// Bits of a tester's coverage word: it checked a test in a stable on (off) window.
+const CHECKED_ON: u8 = 1;
+const CHECKED_OFF: u8 = 2;
+
+/// The two tests of this file share the worker and the code lock; run one at a time so that
+/// neither starves the other's switcher on a 2-core machine.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Tests branches (through `test`) until `stop`, checking each test that ran inside one window,
+/// and recording in `coverage` which sides it checked.
+fn tester(
+    id: u64,
+    window: &AtomicU64,
+    stop: &AtomicBool,
+    coverage: &AtomicU8,
+    test: fn(u64) -> Outcome,
+) -> Tally {
     let mut t = Tally::default();
     let mut i = id;
     while !stop.load(Ordering::Relaxed) {
@@ -117,6 +138,11 @@ fn tester(id: u64, window: &AtomicU64, stop: &AtomicBool, test: fn(u64) -> Outco
             } else {
                 t.checked_off += 1;
             }
+            // Relaxed: only the switcher's decision to go on reads it, never a check.
+            coverage.fetch_or(
+                if want_on { CHECKED_ON } else { CHECKED_OFF },
+                Ordering::Relaxed,
+            );
             t.wrong += u64::from(on != want_on);
         }
     }
@@ -126,18 +152,30 @@ fn tester(id: u64, window: &AtomicU64, stop: &AtomicBool, test: fn(u64) -> Outco
 /// Runs the testers against a switcher that calls `set(on)` to move the key through its
 /// windows, and checks every tally. Returns the number of on/off cycles.
 fn run(test: fn(u64) -> Outcome, set: fn(bool)) -> u64 {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let window = AtomicU64::new(self::window(0, 3));
     let stop = AtomicBool::new(false);
-    let deadline = Instant::now() + run_for();
+    let coverage: [AtomicU8; TESTERS] = [const { AtomicU8::new(0) }; TESTERS];
+    let start = Instant::now();
+    let (deadline, give_up) = (start + run_for(), start + run_for() * MAX_RUNS);
+    let covered = || {
+        coverage
+            .iter()
+            .all(|c| c.load(Ordering::Relaxed) == CHECKED_ON | CHECKED_OFF)
+    };
     let mut k = 0;
     std::thread::scope(|s| {
         let testers: Vec<_> = (0..TESTERS as u64)
             .map(|id| {
-                let (window, stop) = (&window, &stop);
-                s.spawn(move || tester(id, window, stop, test))
+                let (window, stop, coverage) = (&window, &stop, &coverage[id as usize]);
+                s.spawn(move || tester(id, window, stop, coverage, test))
             })
             .collect();
-        while Instant::now() < deadline {
+        loop {
+            let now = Instant::now();
+            if now >= give_up || (now >= deadline && covered()) {
+                break;
+            }
             k += 1;
             for (on, switching) in [(true, 0), (false, 2)] {
                 // SeqCst: the store is globally visible before the switch writes code.
@@ -165,7 +203,7 @@ fn run(test: fn(u64) -> Outcome, set: fn(bool)) -> u64 {
             );
         }
     });
-    eprintln!("{k} on/off cycles");
+    eprintln!("{k} on/off cycles in {:?}", start.elapsed());
     assert!(k >= 2, "the switcher must have switched both ways");
     k
 }
