@@ -49,9 +49,11 @@
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod adapter;
 mod diagnostics;
 mod key;
 mod macros;
+mod rust_key;
 mod site;
 
 #[cfg(static_call_patching)]
@@ -86,7 +88,8 @@ use patcher as imp;
 pub use diagnostics::{
     Disabled, Error, ErrorKind, Reason, SiteInfo, SiteState, Stats, Status, WorkerStatus,
 };
-pub use key::{Batch, ReturnZero, Signature, StaticCall, StaticCallKey, Target};
+pub use key::{Abi, Batch, CAbi, ReturnZero, Signature, StaticCall, StaticCallKey, Target};
+pub use rust_key::{Adapter, RustAbi};
 pub use site::{Arg, NoResult, RetVal, ZeroableResult};
 
 /// Blocks until every site queued so far has been patched or given up on.
@@ -200,10 +203,22 @@ struct ReadmeExamples;
 /// Items the macros expand to. Not part of the API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::key::{KeyShims, RawKey};
-    pub use crate::site::{
-        Arg, Class, Cursor, Regs, Ret, RetVal, Site, SiteId, check_signature, site_id,
+    pub use crate::adapter::{
+        ConstCallee, Images, Incoming, Layout, RustSig, Zst, adapter, arg_class, conjure, finish,
+        pointer_stub, resume_if_panicked, ret_class, run, zero_adapter,
     };
+    pub use crate::key::{
+        Accepts, Change, ExternC, KeyShims, RawKey, assert_zero_target_drops_nothing, fn_to_ptr,
+    };
+    pub use crate::rust_key::{
+        BorrowingSignatureMustBeSpelledOutInDefineStaticCall, RustTarget,
+        assert_target_is_zero_sized, key_from_parts, rust_key_to, rust_zero_key,
+        signature_is_not_borrowing, zero_result,
+    };
+    pub use crate::site::{
+        Arg, Class, Cursor, Regs, Ret, RetVal, Site, SiteId, Xmm, check_signature, site_id,
+    };
+    pub use crate::site::{Probe, ProbeFallback};
     #[cfg(static_call_patching)]
     pub use crate::trampoline::trampoline;
 
