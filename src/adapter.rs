@@ -45,6 +45,13 @@
 //! whatever rax holds) finds no payload and is returned as it is: the sentinel only decides
 //! whether to look, the thread-local decides whether a panic happened.
 //!
+//! # Inlining
+//!
+//! In optimised builds every helper here is `#[inline(always)]`: the classes and the layout fold
+//! to constants and a site is the few instructions that place its arguments. In builds with
+//! debug assertions (unoptimised ones, normally) they are plain `#[inline]`, so that each site's
+//! shim calls them instead of carrying a copy of every branch (several KiB per site at -O0).
+//!
 //! # Targets
 //!
 //! - A zero-sized target (a function item, or a closure without captures): the adapter is
@@ -91,14 +98,16 @@ pub enum Class {
 /// included (`TypeId` needs `'static`), and it folds to a constant. Both sides of a call use this
 /// same function, so even a wrong answer would only cost speed: an xmm register and a general
 /// purpose one carry the same 8 bytes.
-#[inline(always)]
+#[cfg_attr(debug_assertions, inline)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 pub fn is_float<T>() -> bool {
     let name = core::any::type_name::<T>();
     size_of::<T>() <= 8 && (name == "f64" || name == "f32")
 }
 
 /// The class of an argument of type `T`.
-#[inline(always)]
+#[cfg_attr(debug_assertions, inline)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 pub fn arg_class<T>() -> Class {
     match size_of::<T>() {
         0 => Class::Zst,
@@ -110,7 +119,8 @@ pub fn arg_class<T>() -> Class {
 }
 
 /// The class of a result of type `T` (never `Xmm`: results of up to 16 bytes use rax:rdx).
-#[inline(always)]
+#[cfg_attr(debug_assertions, inline)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 pub const fn ret_class<T>() -> Class {
     match size_of::<T>() {
         0 => Class::Zst,
@@ -134,7 +144,8 @@ pub struct Layout {
 
 impl Layout {
     /// The layout of a call with arguments of classes `args` and a result of class `ret`.
-    #[inline(always)]
+    #[cfg_attr(debug_assertions, inline)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     pub fn new(args: &[Class], ret: Class) -> Layout {
         let first_gpr = (ret == Class::Indirect) as usize;
         let (mut gprs, mut xmms) = (first_gpr, 0);
@@ -155,7 +166,8 @@ impl Layout {
     }
 
     /// A cursor at the first argument.
-    #[inline(always)]
+    #[cfg_attr(debug_assertions, inline)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     pub fn cursor(self) -> Cursor {
         Cursor {
             gpr: self.first_gpr,
@@ -197,7 +209,8 @@ enum Place {
 
 impl Cursor {
     /// Decides where the next argument, of class `class`, travels, and moves past it.
-    #[inline(always)]
+    #[cfg_attr(debug_assertions, inline)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn place(&mut self, class: Class) -> Place {
         let arg = self.arg;
         self.arg += 1;
@@ -220,7 +233,8 @@ impl Cursor {
     // --- the site's side ---------------------------------------------------------------------
 
     /// Passes the out-pointer of a result larger than 16 bytes.
-    #[inline(always)]
+    #[cfg_attr(debug_assertions, inline)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     pub fn put_out<R>(&self, regs: &mut Regs, out: &mut MaybeUninit<R>) {
         if self.layout.first_gpr == 1 {
             regs.gp[0] = MaybeUninit::new(out.as_mut_ptr() as u64);
@@ -232,7 +246,8 @@ impl Cursor {
     ///
     /// Ownership of `a` passes to the adapter: its bytes travel in registers, or it is written
     /// to `slot`, which the caller never drops.
-    #[inline(always)]
+    #[cfg_attr(debug_assertions, inline)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     pub fn put<A>(
         &mut self,
         a: A,
@@ -257,7 +272,8 @@ impl Cursor {
     }
 
     /// Passes the spill array, if some argument did not fit. Call after the last `put`.
-    #[inline(always)]
+    #[cfg_attr(debug_assertions, inline)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     pub fn put_spill(&self, regs: &mut Regs, spill: &mut [MaybeUninit<*mut u8>]) {
         if self.layout.spills {
             regs.gp[self.layout.end_gpr] = MaybeUninit::new(spill.as_mut_ptr() as u64);
@@ -270,7 +286,8 @@ impl Cursor {
     ///
     /// # Safety
     /// `regs` must be what a site of this layout passed.
-    #[inline(always)]
+    #[cfg_attr(debug_assertions, inline)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     pub unsafe fn take_out<R>(&self, regs: &Incoming) -> *mut R {
         if self.layout.first_gpr == 1 {
             // SAFETY: the site put the out-pointer in rdi (`put_out`).
@@ -284,7 +301,8 @@ impl Cursor {
     ///
     /// # Safety
     /// `regs` must be what a site of this layout passed.
-    #[inline(always)]
+    #[cfg_attr(debug_assertions, inline)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     pub unsafe fn take_spill(&self, regs: &Incoming) -> *const *mut u8 {
         if self.layout.spills {
             // SAFETY: the site put the array's address there (`put_spill`).
@@ -300,7 +318,8 @@ impl Cursor {
     /// `regs` and `spill` must be what a site passed for a signature whose next argument has
     /// type `A` (so that every earlier argument was taken with its own type), and each argument
     /// may be taken once.
-    #[inline(always)]
+    #[cfg_attr(debug_assertions, inline)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     pub unsafe fn take<A>(&mut self, regs: &Incoming, spill: *const *mut u8) -> A {
         // SAFETY: by the caller's promise the site placed a valid, owned `A` exactly where this
         // same cursor logic says, and nothing else will read or drop it.
@@ -323,7 +342,8 @@ impl Cursor {
 /// `T` must be zero-sized, and creating a `T` must be allowed: the caller owns a `T` that it
 /// forgot (a moved argument), or `T` is `Copy` and a value of it was handed over earlier (a
 /// target).
-#[inline(always)]
+#[cfg_attr(debug_assertions, inline)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 pub unsafe fn conjure<T>() -> T {
     // (Not a `const` assertion: the cursor's `match` instantiates this for every argument type,
     // and calls it only for zero-sized ones. The test folds away.)
@@ -334,7 +354,8 @@ pub unsafe fn conjure<T>() -> T {
 }
 
 /// `v`'s bytes in the low bytes of a register image; the bytes above are left undefined.
-#[inline(always)]
+#[cfg_attr(debug_assertions, inline)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn image<T, R>(v: T) -> MaybeUninit<R> {
     // A run-time check (it folds away): `match`es over classes instantiate this for every type.
     assert!(size_of::<T>() <= size_of::<R>() && align_of::<T>() <= align_of::<R>());
@@ -348,7 +369,8 @@ fn image<T, R>(v: T) -> MaybeUninit<R> {
 ///
 /// # Safety
 /// The image must hold a valid `T` (written by `image`).
-#[inline(always)]
+#[cfg_attr(debug_assertions, inline)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 unsafe fn read_image<T, R>(r: &MaybeUninit<R>) -> T {
     assert!(size_of::<T>() <= size_of::<R>() && align_of::<T>() <= align_of::<R>());
     // SAFETY: in bounds and aligned by the assertion; validity is the caller's promise.
@@ -356,7 +378,8 @@ unsafe fn read_image<T, R>(r: &MaybeUninit<R>) -> T {
 }
 
 /// `v`'s bytes (up to 16, of any alignment) in two register images.
-#[inline(always)]
+#[cfg_attr(debug_assertions, inline)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn images2<T>(v: T) -> [MaybeUninit<u64>; 2] {
     assert!(size_of::<T>() <= 16);
     let mut r = [MaybeUninit::<u64>::uninit(); 2];
@@ -369,7 +392,8 @@ fn images2<T>(v: T) -> [MaybeUninit<u64>; 2] {
 ///
 /// # Safety
 /// The images must hold a valid `T` (written by `images2`).
-#[inline(always)]
+#[cfg_attr(debug_assertions, inline)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 unsafe fn read_images2<T>(r: [MaybeUninit<u64>; 2]) -> T {
     assert!(size_of::<T>() <= 16);
     // SAFETY: in bounds; unaligned read; validity is the caller's promise.
@@ -404,7 +428,8 @@ impl Images {
     ///
     /// # Safety
     /// For a result larger than 16 bytes, `out` must be the site's out-pointer.
-    #[inline(always)]
+    #[cfg_attr(debug_assertions, inline)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     pub unsafe fn of<R>(r: R, out: *mut R) -> Images {
         match ret_class::<R>() {
             Class::Zst => {
@@ -441,7 +466,8 @@ impl Images {
 /// `ret` must come from a site of a Rust key whose result type is `R`, and `out` be the
 /// out-pointer that site passed. Patched sites of a key set to nothing (a NOP) or to return zero
 /// (`xor eax, eax`) leave a valid `R` too: `()`, or an all-zero `ZeroableResult` in rax.
-#[inline(always)]
+#[cfg_attr(debug_assertions, inline)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 pub unsafe fn finish<R>(ret: Ret, out: MaybeUninit<R>) -> R {
     let mut images = Images {
         rax: ret.rax,
@@ -469,7 +495,8 @@ pub unsafe fn finish<R>(ret: Ret, out: MaybeUninit<R>) -> R {
 ///
 /// # Safety
 /// As [`Images::of`].
-#[inline(always)]
+#[cfg_attr(debug_assertions, inline)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 pub unsafe fn run<R>(call: impl FnOnce() -> R, out: *mut R) -> Images {
     match std::panic::catch_unwind(core::panic::AssertUnwindSafe(call)) {
         // SAFETY: passed on from the caller.

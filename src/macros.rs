@@ -90,8 +90,13 @@
 /// The macro defines a `static NAME` (the key) and a type `NAME` that dereferences to
 /// [`StaticCall`](crate::StaticCall) and implements [`StaticCallKey`](crate::StaticCallKey). The
 /// type also has `set_null`, `set_return_zero` (and their `try_` forms) of its own, and for a
-/// Rust key `update`, `try_update`, `update_pointer`, `try_update_pointer` and `call`, written
-/// from the signature, so that they work for signatures that borrow too.
+/// Rust key `update`, `try_update`, `update_pointer` and `try_update_pointer`, written from the
+/// signature, so that they work for signatures that borrow too.
+///
+/// A Rust key of a signature that borrows has no `key.call(args)` (the run-time call of a key
+/// reached through a reference): Rust's lifetime elision would tie an elided result lifetime to
+/// the key rather than to the arguments. Write `(key.query())(args)`, which is what `call` does.
+/// Keys of other signatures get `call` from [`StaticCall`](crate::StaticCall).
 #[macro_export]
 macro_rules! define_static_call {
     // Variadic functions: their callee cannot know how many arguments a site passed.
@@ -225,11 +230,13 @@ macro_rules! __define_static_call {
         // Compile-time checks of the signature. In a `const fn` generic over the signature's
         // named lifetimes, so that `for<'a>` signatures can be named outside their binder.
         const _: () = {
-            const fn check<$($lt),*>() {
+            // (The `PhantomData` gives it the signature's implied bounds, e.g. `'b: 'a` for
+            // `&'a T<'b>`.)
+            const fn check<$($lt),*>(_: ::core::marker::PhantomData<($($t,)*)>) {
                 $crate::__private::check_signature(&[$(<$t as $crate::__private::Arg>::CLASS),*]);
                 let _ = <$ret as $crate::__private::RetVal>::CLASS;
             }
-            check()
+            check(::core::marker::PhantomData)
         };
 
         impl ::core::ops::Deref for $name {
@@ -414,19 +421,6 @@ macro_rules! __define_static_call {
                 >::__commit(&[self.__key.__change_to_pointer::<$name>(f)])
             }
 
-            /// Calls the key's current target through an indirect call, for a key known only
-            /// at run time; see [`StaticCall::call`](::static_call::StaticCall).
-            ///
-            /// # Safety
-            /// For an `unsafe` key, whatever its function type requires of its callers.
-            #[allow(dead_code, clippy::too_many_arguments, clippy::missing_safety_doc)]
-            #[inline]
-            pub $($unsafe)? fn call<$($lt),*>(&self, $($n: $t),*) -> $ret {
-                let f = self.__key.__run_time_target();
-                #[allow(unused_unsafe)]
-                // SAFETY: for an `unsafe` key, the caller upholds the target's contract.
-                unsafe { f($($n),*) }
-            }
         }
 
         $crate::__define_static_call!(@zero_methods $name);
@@ -436,7 +430,9 @@ macro_rules! __define_static_call {
             type Fn = for<$($lt),*> $($unsafe)? $($abi)* fn($($t),*) -> $ret;
             type Abi = $crate::RustAbi;
             const __RESULT: $crate::__private::Class = {
-                const fn class<$($lt),*>() -> $crate::__private::Class {
+                const fn class<$($lt),*>(
+                    _: ::core::marker::PhantomData<($($t,)*)>,
+                ) -> $crate::__private::Class {
                     #[allow(unused_imports)]
                     use $crate::__private::ProbeFallback as _;
                     if $crate::__private::Probe::<$ret>::IS_UNIT {
@@ -445,22 +441,22 @@ macro_rules! __define_static_call {
                         $crate::__private::Class::Int
                     }
                 }
-                class()
+                class(::core::marker::PhantomData)
             };
             const __ZEROABLE: bool = {
-                const fn zeroable<$($lt),*>() -> bool {
+                const fn zeroable<$($lt),*>(_: ::core::marker::PhantomData<($($t,)*)>) -> bool {
                     #[allow(unused_imports)]
                     use $crate::__private::ProbeFallback as _;
                     $crate::__private::Probe::<$ret>::ZEROABLE
                         && ::core::mem::size_of::<$ret>() <= 8
                 }
-                zeroable()
+                zeroable(::core::marker::PhantomData)
             };
             const __ARGS_NEED_DROP: bool = {
-                const fn needs_drop<$($lt),*>() -> bool {
+                const fn needs_drop<$($lt),*>(_: ::core::marker::PhantomData<($($t,)*)>) -> bool {
                     false $(|| ::core::mem::needs_drop::<$t>())*
                 }
-                needs_drop()
+                needs_drop(::core::marker::PhantomData)
             };
 
             #[inline(always)]
@@ -693,13 +689,13 @@ macro_rules! __define_static_call {
 /// ```
 #[macro_export]
 macro_rules! target_feature {
-    (unchecked $key:ty, [$($feature:literal),+ $(,)?], $target:path $(,)?) => {
+    (unchecked $key:ty, [$($feature:tt),+ $(,)?], $target:path $(,)?) => {
         $crate::__adapter_of!($key, [$($feature),+], $target)
     };
-    (unchecked $key:ty, $feature:literal, $target:path $(,)?) => {
+    (unchecked $key:ty, $feature:tt, $target:path $(,)?) => {
         $crate::__adapter_of!($key, [$feature], $target)
     };
-    ($key:ty, [$($feature:literal),+ $(,)?], $target:path $(,)?) => {
+    ($key:ty, [$($feature:tt),+ $(,)?], $target:path $(,)?) => {
         if true $(&& ::std::is_x86_feature_detected!($feature))+ {
             // SAFETY: this CPU has every feature the adapter is compiled with.
             ::core::option::Option::Some(unsafe {
@@ -709,7 +705,7 @@ macro_rules! target_feature {
             ::core::option::Option::None
         }
     };
-    ($key:ty, $feature:literal, $target:path $(,)?) => {
+    ($key:ty, $feature:tt, $target:path $(,)?) => {
         $crate::target_feature!($key, [$feature], $target)
     };
 }
@@ -746,7 +742,7 @@ macro_rules! unsafe_target {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __adapter_of {
-    ($key:ty, [$($feature:literal),*], $target:path) => {{
+    ($key:ty, [$($feature:tt),*], $target:path) => {{
         $crate::__adapter_fn! {
             $(#[target_feature(enable = $feature)])*
             unsafe fn __static_call_adapter(regs) {

@@ -318,7 +318,7 @@ macro_rules! __rust_signature {
             type Callee = for<$($lt),*> unsafe $($abi)* fn($($t),*) -> $ret;
 
             const ZERO: Self::Fn = {
-                #[allow(improper_ctypes_definitions, unused_variables, clippy::too_many_arguments)]
+                #[allow(improper_ctypes_definitions, unused_variables, clippy::too_many_arguments, clippy::ptr_arg)]
                 $($unsafe)? $($abi)* fn zero<$($lt,)* $($P),*>($($n: $t),*) -> $ret {
                     // SAFETY: a key gets this function only as a null target (result `()`) or a
                     // return-zero target (result `ZeroableResult`); see `rust_key.rs`.
@@ -337,6 +337,10 @@ macro_rules! __rust_signature {
                 unsafe fn adapt<$($lt,)* $($P),*>(
                     regs: &$crate::__private::Incoming,
                     f: unsafe $($abi)* fn($($t),*) -> $ret,
+                    // Only for its type: it gives `adapt` the implied bounds of the signature
+                    // (`for<'a, 'b> fn(&'a T<'b>)` implies `'b: 'a`), as a function taking the
+                    // arguments themselves would have.
+                    _: ::core::marker::PhantomData<($($t,)*)>,
                 ) -> $crate::__private::Images {
                     let layout = $crate::__private::Layout::new(
                         &[$($crate::__private::arg_class::<$t>()),*],
@@ -356,7 +360,7 @@ macro_rules! __rust_signature {
                     unsafe { $crate::__private::run(move || f($($n),*), out) }
                 }
                 // SAFETY: passed on from the caller.
-                unsafe { adapt::<$($P),*>(regs, f) }
+                unsafe { adapt::<$($P),*>(regs, f, ::core::marker::PhantomData) }
             }
 
             #[inline(always)]
@@ -368,7 +372,7 @@ macro_rules! __rust_signature {
             #[inline(always)]
             fn __shim<S: $crate::__private::Site>() -> Self::Fn {
                 #[inline(always)]
-                #[allow(improper_ctypes_definitions, clippy::too_many_arguments)]
+                #[allow(improper_ctypes_definitions, clippy::too_many_arguments, clippy::ptr_arg)]
                 $($unsafe)? $($abi)* fn shim<$($lt,)* S: $crate::__private::Site, $($P),*>(
                     $($n: $t),*
                 ) -> $ret {
@@ -392,7 +396,7 @@ macro_rules! __rust_signature {
                 $($P: 'static),*
             > __Call<T, $($P),*> {
                 #[inline(always)]
-                #[allow(improper_ctypes_definitions, clippy::too_many_arguments)]
+                #[allow(improper_ctypes_definitions, clippy::too_many_arguments, clippy::ptr_arg)]
                 $($unsafe)? $($abi)* fn call<$($lt),*>($($n: $t),*) -> $ret {
                     // SAFETY: `T` is zero-sized (asserted where its adapter is named) and `Copy`,
                     // and a `T` was handed to the key when it became the target.
