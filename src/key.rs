@@ -1120,6 +1120,12 @@ macro_rules! impl_signature {
         impl_signature!(@one [unsafe] $($A $a)*);
     };
     (@one [$($unsafe:tt)?] $($A:ident $a:ident)*) => {
+        impl<R, $($A),*> crate::rust_key::BorrowingSignatureMustBeSpelledOutInDefineStaticCall
+            for $($unsafe)? extern "C" fn($($A),*) -> R
+        {
+            type Abi = CAbi;
+        }
+
         #[diagnostic::do_not_recommend]
         impl<R: RetVal + 'static, $($A: Arg + 'static),*> ExternC
             for $($unsafe)? extern "C" fn($($A),*) -> R

@@ -212,8 +212,7 @@ pub mod __private {
     };
     pub use crate::rust_key::{
         BorrowingSignatureMustBeSpelledOutInDefineStaticCall, RustTarget,
-        assert_target_is_zero_sized, key_from_parts, rust_key_to, rust_zero_key,
-        signature_is_not_borrowing, zero_result,
+        assert_target_is_zero_sized, key_from_parts, rust_key_to, rust_zero_key, zero_result,
     };
     pub use crate::site::{
         Arg, Class, Cursor, Regs, Ret, RetVal, Site, SiteId, Xmm, check_signature, site_id,

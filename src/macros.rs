@@ -502,10 +502,6 @@ macro_rules! __define_static_call {
 
     // ---- a signature the macro cannot see (a type alias) ------------------------------------
     (@alias [$($attr:tt)*] [$vis:vis] $name:ident [$sig:ty] [$($init:tt)+]) => {
-        // A signature that borrows is higher-ranked, which no generic impl covers: this names
-        // what to do in the error ("implementation of `..SpelledOut..` is not general enough").
-        const _: () = $crate::__private::signature_is_not_borrowing::<$sig>();
-
         #[allow(non_camel_case_types)]
         #[doc = ::core::concat!(
             "The type of the static-call key [`", ::core::stringify!($name), "`](static@",
@@ -513,7 +509,14 @@ macro_rules! __define_static_call {
             "::static_call::StaticCall).")]
         #[repr(transparent)]
         $vis struct $name {
-            __key: $crate::StaticCall<$sig>,
+            // Named through this trait, whose name says what to do when the signature borrows
+            // (a higher-ranked type, which no generic impl covers): the first error is then
+            // "implementation of `BorrowingSignatureMustBeSpelledOutInDefineStaticCall` is not
+            // general enough".
+            __key: $crate::StaticCall<
+                $sig,
+                <$sig as $crate::__private::BorrowingSignatureMustBeSpelledOutInDefineStaticCall>::Abi,
+            >,
         }
 
         $($attr)*

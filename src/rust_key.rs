@@ -537,6 +537,12 @@ macro_rules! impl_rust {
             key |this| this
         }
 
+        impl<R, $($A),*> BorrowingSignatureMustBeSpelledOutInDefineStaticCall
+            for $($unsafe)? $($abi)* fn($($A),*) -> R
+        {
+            type Abi = RustAbi;
+        }
+
         // SAFETY: a Rust function pointer; its shim and adapters follow `__rust_signature!`.
         #[diagnostic::do_not_recommend]
         unsafe impl<R: 'static, $($A: 'static),*> crate::key::Signature
@@ -654,15 +660,14 @@ pub const fn rust_zero_key<K: RustSig + crate::StaticCallKey>(
 /// Implemented for every function type that [`Signature`](crate::Signature) covers: those whose
 /// arguments do not borrow. `define_static_call!` names it for a signature it cannot see (a type
 /// alias), so that a borrowing one fails with a message that says what to do: "implementation of
-/// `BorrowingSignatureMustBeSpelledOutInDefineStaticCall` is not general enough".
+/// `BorrowingSignatureMustBeSpelledOutInDefineStaticCall` is not general enough". Implemented
+/// by the same macros as `Signature` (a blanket impl over `Signature` would make the error name
+/// `Signature` instead).
 #[doc(hidden)]
-pub trait BorrowingSignatureMustBeSpelledOutInDefineStaticCall {}
-
-impl<F: crate::Signature> BorrowingSignatureMustBeSpelledOutInDefineStaticCall for F {}
-
-/// See [`BorrowingSignatureMustBeSpelledOutInDefineStaticCall`].
-#[doc(hidden)]
-pub const fn signature_is_not_borrowing<F: BorrowingSignatureMustBeSpelledOutInDefineStaticCall>() {
+pub trait BorrowingSignatureMustBeSpelledOutInDefineStaticCall {
+    /// The signature's [`Abi`](crate::Abi), as `Signature` has it: `define_static_call!` names
+    /// the key's type through this trait, so that its first error is this trait's.
+    type Abi: crate::Abi;
 }
 
 impl<F: Copy> StaticCall<F, RustAbi> {
