@@ -77,6 +77,7 @@ pub const SENTINEL: u64 = 0xffff_ffff_9e37_79b9;
 /// General-purpose registers that carry arguments: rdi, rsi, rdx, rcx, r8.
 pub const ARG_GPRS: usize = 5;
 /// Index in [`Regs::gp`] of r9, which carries the function pointer of the pointer path.
+#[cfg_attr(not(static_call_patching), allow(dead_code))]
 pub const CALLEE_GPR: usize = 5;
 
 /// How one argument or result travels.
@@ -618,6 +619,7 @@ __adapter_fn! {
     ///
     /// # Safety
     /// Called only through `pointer_stub::<K>`, by a site of a key of signature `K`.
+    #[cfg_attr(not(static_call_patching), allow(dead_code))]
     pub unsafe fn pointer_adapter<K: RustSig>(regs) {
         // SAFETY: `pointer_stub` loaded r9 from the key's word, which holds a function of the
         // key's type (an `F`, the same signature as `K::Callee`).

@@ -480,3 +480,42 @@ fn the_library_pins_itself_rather_than_relying_on_its_thread() {
          loaded, and it was unloaded:\n{no_worker}"
     );
 }
+
+/// A Rust key inside a `dlopen`ed library: its site is patched to the key's adapter, `update`
+/// takes a closure, and a panic is caught with its payload, all inside the library (whose copy of
+/// the crate keeps the payload in its own thread-local).
+#[test]
+fn a_rust_key_in_a_dlopened_library() {
+    if skip() {
+        return;
+    }
+    let path = library_path();
+    let handle = dlopen(path, libc::RTLD_NOW | libc::RTLD_LOCAL);
+    assert!(!handle.is_null(), "dlopen: {}", dlerror());
+    #[repr(C)]
+    #[derive(Default, Debug)]
+    struct RustReport {
+        failed: u64,
+        site: usize,
+        func: usize,
+    }
+    let c = CString::new("sclib_rust").unwrap();
+    let p = unsafe { libc::dlsym(handle, c.as_ptr()) };
+    assert!(!p.is_null(), "dlsym(sclib_rust): {}", dlerror());
+    // SAFETY: `sclib_rust` in tests/cdylib/src/lib.rs has this type.
+    let run: extern "C" fn(&mut RustReport) = unsafe { std::mem::transmute(p) };
+    let mut report = RustReport::default();
+    run(&mut report);
+    assert_eq!(
+        report.failed, 0,
+        "check {} failed in the library",
+        report.failed
+    );
+    if common::patching() {
+        assert_ne!(
+            report.site, 0,
+            "the library registered its site: {report:x?}"
+        );
+        assert_calls(report.site, report.func, "the library key's adapter");
+    }
+}
