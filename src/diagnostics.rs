@@ -181,12 +181,29 @@ pub enum SiteState {
 ///     println!("call instruction at {:#x}: {:?}", site.address, site.state);
 /// }
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+///
+/// Its `Debug` form prints the address in hex, as a debugger or `objdump` would show it:
+///
+/// ```
+/// use static_call::{SiteInfo, SiteState};
+/// let site = SiteInfo { address: 0x55d4_1c2a_0f10, state: SiteState::Patched };
+/// assert_eq!(format!("{site:?}"), "SiteInfo { address: 0x55d41c2a0f10, state: Patched }");
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct SiteInfo {
     /// Address of the site's 5-byte `call` instruction.
     pub address: usize,
     /// Whether it is patched.
     pub state: SiteState,
+}
+
+impl fmt::Debug for SiteInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SiteInfo")
+            .field("address", &format_args!("{:#x}", self.address))
+            .field("state", &self.state)
+            .finish()
+    }
 }
 
 /// An update that could not be carried out. The key and all its sites keep the old target.
