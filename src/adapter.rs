@@ -558,6 +558,14 @@ pub unsafe trait RustSig: Sync + 'static {
     /// # Safety
     /// `regs` must be what a site of this signature passed.
     unsafe fn __adapt(regs: &Incoming, f: Self::Callee) -> Images;
+    /// Like `__adapt`, calling `C::CALLEE`: a constant, named inside the call (not captured),
+    /// so that the call is direct however much of `catch_unwind` LLVM inlines.
+    ///
+    /// # Safety
+    /// As for `__adapt`.
+    unsafe fn __adapt_const<C: ConstCallee<Self>>(regs: &Incoming) -> Images
+    where
+        Self: Sized;
     /// The key itself.
     fn __key(&self) -> &crate::StaticCall<Self::Fn, crate::RustAbi>;
     /// A function of the key's type whose body is the call site `S`.
@@ -609,7 +617,7 @@ __adapter_fn! {
     /// Called only by a site of a key of signature `K` (or the trampoline, for one).
     pub unsafe fn adapter<K: RustSig, C: ConstCallee<K>>(regs) {
         // SAFETY: a site of `K` passed these registers.
-        unsafe { K::__adapt(&regs, C::CALLEE) }
+        unsafe { K::__adapt_const::<C>(&regs) }
     }
 }
 

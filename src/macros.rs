@@ -746,14 +746,20 @@ macro_rules! unsafe_target {
 #[macro_export]
 macro_rules! __adapter_of {
     ($key:ty, [$($feature:tt),*], $target:path) => {{
+        /// The target, as a constant (`ConstCallee`): it inlines into the adapter, with the
+        /// adapter's features, or is called directly.
+        struct __StaticCallTarget;
+        impl $crate::__private::ConstCallee<$key> for __StaticCallTarget {
+            const CALLEE: <$key as $crate::__private::RustSig>::Callee = $target;
+        }
         $crate::__adapter_fn! {
             $(#[target_feature(enable = $feature)])*
             unsafe fn __static_call_adapter(regs) {
-                // The target, as a constant: it inlines here, with these features.
-                let f: <$key as $crate::__private::RustSig>::Callee = $target;
                 // SAFETY: a site of `$key` passed these registers; whoever made this adapter
                 // vouched for calling `$target` (and for its features).
-                unsafe { <$key as $crate::__private::RustSig>::__adapt(&regs, f) }
+                unsafe {
+                    <$key as $crate::__private::RustSig>::__adapt_const::<__StaticCallTarget>(&regs)
+                }
             }
         }
         let callee: <$key as $crate::__private::RustSig>::Callee = $target;

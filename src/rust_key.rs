@@ -311,6 +311,10 @@ macro_rules! __rust_signature {
         ret [$ret:ty]
         key |$this:ident| $key:expr
     ) => {
+        const _: () = {
+        // Everything in one anonymous block: `__adapt_with` and `__Call` are written once per key
+        // type (and per generic impl), so they need a scope of their own.
+
         // SAFETY: `__adapt` takes the arguments as `__rust_shim_body!` places them (both use
         // `Layout`/`Cursor` over the same types) and returns through `run`.
         unsafe impl<$($P: 'static),*> $crate::__private::RustSig for $holder {
@@ -332,35 +336,30 @@ macro_rules! __rust_signature {
                 regs: &$crate::__private::Incoming,
                 f: Self::Callee,
             ) -> $crate::__private::Images {
-                #[inline(always)]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn adapt<$($lt,)* $($P),*>(
-                    regs: &$crate::__private::Incoming,
-                    f: unsafe $($abi)* fn($($t),*) -> $ret,
-                    // Only for its type: it gives `adapt` the implied bounds of the signature
-                    // (`for<'a, 'b> fn(&'a T<'b>)` implies `'b: 'a`), as a function taking the
-                    // arguments themselves would have.
-                    _: ::core::marker::PhantomData<($($t,)*)>,
-                ) -> $crate::__private::Images {
-                    let layout = $crate::__private::Layout::new(
-                        &[$($crate::__private::arg_class::<$t>()),*],
-                        $crate::__private::ret_class::<$ret>(),
-                    );
-                    #[allow(unused_mut)]
-                    let mut cursor = layout.cursor();
-                    // SAFETY (all four): `regs` is what a site of this signature passed
-                    // (`__adapt`'s contract), and each argument is taken once, in order, with
-                    // its own type.
-                    let out = unsafe { cursor.take_out::<$ret>(regs) };
-                    #[allow(unused_variables)]
-                    let spill = unsafe { cursor.take_spill(regs) };
-                    $( let $n: $t = unsafe { cursor.take::<$t>(regs, spill) }; )*
-                    // SAFETY: `out` is the site's out-pointer; `f` is the key's target, called
-                    // as the site's caller asked (for an `unsafe` key, under its promise).
-                    unsafe { $crate::__private::run(move || f($($n),*), out) }
+                // SAFETY: passed on from the caller; `f` is the key's target.
+                unsafe {
+                    __adapt_with::<$($P),*>(
+                        regs,
+                        move |$($n),*| f($($n),*),
+                        ::core::marker::PhantomData,
+                    )
                 }
-                // SAFETY: passed on from the caller.
-                unsafe { adapt::<$($P),*>(regs, f, ::core::marker::PhantomData) }
+            }
+
+            #[inline(always)]
+            unsafe fn __adapt_const<C: $crate::__private::ConstCallee<Self>>(
+                regs: &$crate::__private::Incoming,
+            ) -> $crate::__private::Images {
+                // SAFETY: passed on from the caller. The target is named through `C` inside the
+                // closure, not captured, so that the call stays direct even where LLVM keeps
+                // `catch_unwind`'s helper out of line (a `#[target_feature]` adapter).
+                unsafe {
+                    __adapt_with::<$($P),*>(
+                        regs,
+                        |$($n),*| (C::CALLEE)($($n),*),
+                        ::core::marker::PhantomData,
+                    )
+                }
             }
 
             #[inline(always)]
@@ -384,10 +383,39 @@ macro_rules! __rust_signature {
             }
         }
 
+        /// The adapter's side of a call of this signature: take the arguments from `regs`, run
+        /// `call` on them, return the result's images (or the panic signal).
+        ///
+        /// # Safety
+        /// `regs` must be what a site of this signature passed, and `call` sound to run on them.
+        #[inline(always)]
+        #[allow(clippy::too_many_arguments, non_snake_case, dead_code)]
+        unsafe fn __adapt_with<$($lt,)* $($P),*>(
+            regs: &$crate::__private::Incoming,
+            call: impl FnOnce($($t),*) -> $ret,
+            // Only for its type: it gives this function the implied bounds of the signature
+            // (`for<'a, 'b> fn(&'a T<'b>)` implies `'b: 'a`), as one taking the arguments would.
+            _: ::core::marker::PhantomData<($($t,)*)>,
+        ) -> $crate::__private::Images {
+            let layout = $crate::__private::Layout::new(
+                &[$($crate::__private::arg_class::<$t>()),*],
+                $crate::__private::ret_class::<$ret>(),
+            );
+            #[allow(unused_mut)]
+            let mut cursor = layout.cursor();
+            // SAFETY (all four): `regs` is what a site of this signature passed (the caller's
+            // promise), and each argument is taken once, in order, with its own type.
+            let out = unsafe { cursor.take_out::<$ret>(regs) };
+            #[allow(unused_variables)]
+            let spill = unsafe { cursor.take_spill(regs) };
+            $( let $n: $t = unsafe { cursor.take::<$t>(regs, spill) }; )*
+            // SAFETY: `out` is the site's out-pointer.
+            unsafe { $crate::__private::run(move || call($($n),*), out) }
+        }
+
         // The zero-sized target `T`: a function that conjures it and calls it. A struct with an
         // impl, rather than a nested function, so that the function's lifetimes stay late-bound
         // (the `Fn` bound sits on the impl), and it coerces to the key's higher-ranked type.
-        const _: () = {
             #[allow(non_camel_case_types)]
             pub struct __Call<T, $($P),*>(::core::marker::PhantomData<fn() -> (T, $($P),*)>);
 
