@@ -57,9 +57,9 @@
 //! - A zero-sized target (a function item, or a closure without captures): the adapter is
 //!   [`adapter`]`::<K, Zst<T>>`, whose callee is a constant function pointer to a function that
 //!   conjures `T` and calls it, so that LLVM inlines the target into the adapter.
-//! - A `#[target_feature]` function or an `unsafe fn`: [`target_feature!`](crate::target_feature)
-//!   and [`unsafe_target!`](crate::unsafe_target) write the adapter where the target is named,
-//!   with the attribute, so the target inlines into code compiled with its features.
+//! - A `#[target_feature]` function or an `unsafe fn`, which is not a Rust `Fn`:
+//!   [`target_feature!`](crate::target_feature) (after checking the CPU) and
+//!   [`unsafe_target!`](crate::unsafe_target) name it as the constant callee of an adapter.
 //! - A function pointer chosen at run time: sites call `pointer_stub::<K>`, which loads the
 //!   pointer from the key (every target is entered with its key's address in r11, and a Rust
 //!   key holds the pointer at offset 16) into r9 and jumps to [`pointer_adapter`], which calls it.
@@ -491,17 +491,13 @@ pub unsafe fn finish<R>(ret: Ret, out: MaybeUninit<R>) -> R {
     }
 }
 
-/// The adapter's side of a call: `call` runs the target on the arguments already taken; its
-/// result becomes images, its panic the panic signal.
-///
-/// # Safety
-/// As [`Images::of`].
+/// The adapter's side of a call: `call` takes the arguments, runs the target and returns the
+/// result's images; a panic in it becomes the panic signal.
 #[cfg_attr(debug_assertions, inline)]
 #[cfg_attr(not(debug_assertions), inline(always))]
-pub unsafe fn run<R>(call: impl FnOnce() -> R, out: *mut R) -> Images {
+pub fn catching(call: impl FnOnce() -> Images) -> Images {
     match std::panic::catch_unwind(core::panic::AssertUnwindSafe(call)) {
-        // SAFETY: passed on from the caller.
-        Ok(r) => unsafe { Images::of(r, out) },
+        Ok(images) => images,
         Err(payload) => {
             stash(payload);
             Images::PANICKED
@@ -566,6 +562,13 @@ pub unsafe trait RustSig: Sync + 'static {
     unsafe fn __adapt_const<C: ConstCallee<Self>>(regs: &Incoming) -> Images
     where
         Self: Sized;
+    /// `__adapt_const` without catching a panic: take the arguments, call, pack the result.
+    ///
+    /// # Safety
+    /// As for `__adapt`.
+    unsafe fn __adapt_body<C: ConstCallee<Self>>(regs: &Incoming) -> Images
+    where
+        Self: Sized;
     /// The key itself.
     fn __key(&self) -> &crate::StaticCall<Self::Fn, crate::RustAbi>;
     /// A function of the key's type whose body is the call site `S`.
@@ -583,9 +586,7 @@ pub trait ConstCallee<K: RustSig> {
 pub struct Zst<T>(core::marker::PhantomData<T>);
 
 /// Declares an adapter: an `extern "C"` function taking every argument register and returning
-/// [`Images`]. (Used here, and by the macros that write `#[target_feature]` adapters.)
-#[doc(hidden)]
-#[macro_export]
+/// [`Images`].
 macro_rules! __adapter_fn {
     ($(#[$attr:meta])* $vis:vis unsafe fn $name:ident $(<$($g:ident: $b:path),*>)?
         ($regs:ident) $body:block) => {

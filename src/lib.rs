@@ -204,8 +204,8 @@ struct ReadmeExamples;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::adapter::{
-        ConstCallee, Images, Incoming, Layout, RustSig, Zst, adapter, arg_class, conjure, finish,
-        pointer_stub, resume_if_panicked, ret_class, run, zero_adapter,
+        ConstCallee, Images, Incoming, Layout, RustSig, Zst, adapter, arg_class, catching, conjure,
+        finish, pointer_stub, resume_if_panicked, ret_class, zero_adapter,
     };
     pub use crate::key::{
         Accepts, Change, ExternC, KeyShims, RawKey, assert_zero_target_drops_nothing, fn_to_ptr,

@@ -660,12 +660,13 @@ macro_rules! __define_static_call {
     };
 }
 
-/// Writes the adapter of a `#[target_feature]` function for a Rust key, where the function is
-/// named: an `extern "C"` adapter that itself carries the `#[target_feature]` attributes, so
-/// that the function's body inlines into code compiled with its features (a plain adapter could
-/// only call it). Returns an [`Adapter`](crate::Adapter), installed with `update_adapter`.
+/// An adapter for a `#[target_feature]` function as a Rust key's target, with the CPU check that
+/// makes calling it sound. Returns an [`Adapter`](crate::Adapter), installed with
+/// `update_adapter` (or [`Batch::update_adapter`](crate::Batch::update_adapter)).
 ///
-/// Enabling a feature is only sound on a CPU that has it, so there are two forms:
+/// A `#[target_feature]` function is not a Rust `Fn` (calling it is only sound where the CPU has
+/// its features), so `update` cannot take it; this macro names it, checks the CPU, and writes the
+/// adapter where the function is named:
 /// - `target_feature!(KEY, "avx2", function)` (or `["avx2", "bmi2"]`) checks the CPU with
 ///   `is_x86_feature_detected!` and returns `Some(adapter)`, or `None` if a feature is missing;
 /// - `target_feature!(unchecked KEY, "avx2", function)` returns the adapter without checking,
@@ -674,6 +675,13 @@ macro_rules! __define_static_call {
 /// `KEY` is the key's type: the name given to `define_static_call!`, or
 /// `StaticCall<fn(..) -> R>` for a key in a struct field. `function` is a path to a function
 /// of the key's signature (safe or `unsafe`, of the key's ABI).
+///
+/// The function keeps its features and runs at full speed; sites reach it through an adapter
+/// that calls it directly (a `jmp` where LLVM knows it cannot unwind, else a call), with no
+/// indirect call. An adapter compiled with the features themselves could let a small target
+/// inline into it, but LLVM does not inline `catch_unwind`'s helpers into a function with target
+/// features around a call that stays a call, so a target too big to inline (most SIMD searches)
+/// ended up three calls deep; docs/design.md ("Adapters") has the measurements.
 ///
 /// ```
 /// # #[cfg(target_arch = "x86_64")] {
@@ -740,31 +748,27 @@ macro_rules! unsafe_target {
     };
 }
 
-/// An `Adapter` for `$target` under the conventions of the key type `$key`, compiled with the
-/// target features `$feature`. Expands to a call of an `unsafe fn`.
+/// An `Adapter` for `$target` under the conventions of the key type `$key` (`$feature` names
+/// the target features the caller checked or vouches for). Expands to a call of an `unsafe fn`.
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __adapter_of {
     ($key:ty, [$($feature:tt),*], $target:path) => {{
-        /// The target, as a constant (`ConstCallee`): it inlines into the adapter, with the
-        /// adapter's features, or is called directly.
+        /// The target, as a constant (`ConstCallee`): the adapter calls it directly.
         struct __StaticCallTarget;
         impl $crate::__private::ConstCallee<$key> for __StaticCallTarget {
             const CALLEE: <$key as $crate::__private::RustSig>::Callee = $target;
         }
-        $crate::__adapter_fn! {
-            $(#[target_feature(enable = $feature)])*
-            unsafe fn __static_call_adapter(regs) {
-                // SAFETY: a site of `$key` passed these registers; whoever made this adapter
-                // vouched for calling `$target` (and for its features).
-                unsafe {
-                    <$key as $crate::__private::RustSig>::__adapt_const::<__StaticCallTarget>(&regs)
-                }
-            }
-        }
+        // Only the CPU check (or the caller's promise) concerns the features: the adapter is a
+        // plain one, which calls the target directly (a `jmp` where the target cannot unwind).
+        // An adapter compiled with the features would let a small target inline into it, but
+        // LLVM does not inline `catch_unwind`'s helpers into a function with target features
+        // around a call it keeps (a target too large to inline), and a big target then sat
+        // three calls deep (measured: docs/design.md, "Adapters").
+        let _: &[&str] = &[$($feature),*];
         let callee: <$key as $crate::__private::RustSig>::Callee = $target;
         $crate::Adapter::<<$key as $crate::__private::RustSig>::Fn>::__new(
-            __static_call_adapter as *const (),
+            $crate::__private::adapter::<$key, __StaticCallTarget> as *const (),
             ::core::mem::transmute::<
                 <$key as $crate::__private::RustSig>::Callee,
                 <$key as $crate::__private::RustSig>::Fn,

@@ -141,7 +141,7 @@ impl<F: Copy> Adapter<F> {
     /// An adapter whose sites call `func`, and whose key's `query()` returns `rust`.
     ///
     /// # Safety
-    /// `func` must be an adapter (`__adapter_fn!`) for the conventions of a key of type `F`,
+    /// `func` must be an adapter (`adapter.rs`) for the conventions of a key of type `F`,
     /// calling `rust`'s function; calling `rust` through `F` must be sound.
     #[doc(hidden)]
     pub const unsafe fn __new(func: *const (), rust: F) -> Self {
@@ -337,24 +337,31 @@ macro_rules! __rust_signature {
                 f: Self::Callee,
             ) -> $crate::__private::Images {
                 // SAFETY: passed on from the caller; `f` is the key's target.
-                unsafe {
-                    __adapt_with::<$($P),*>(
+                $crate::__private::catching(|| unsafe {
+                    __call_packed::<$($P),*>(
                         regs,
                         move |$($n),*| f($($n),*),
                         ::core::marker::PhantomData,
                     )
-                }
+                })
             }
 
             #[inline(always)]
             unsafe fn __adapt_const<C: $crate::__private::ConstCallee<Self>>(
                 regs: &$crate::__private::Incoming,
             ) -> $crate::__private::Images {
+                // SAFETY: passed on from the caller.
+                $crate::__private::catching(|| unsafe { Self::__adapt_body::<C>(regs) })
+            }
+
+            #[inline(always)]
+            unsafe fn __adapt_body<C: $crate::__private::ConstCallee<Self>>(
+                regs: &$crate::__private::Incoming,
+            ) -> $crate::__private::Images {
                 // SAFETY: passed on from the caller. The target is named through `C` inside the
-                // closure, not captured, so that the call stays direct even where LLVM keeps
-                // `catch_unwind`'s helper out of line (a `#[target_feature]` adapter).
+                // call, not captured, so that the call is direct whatever LLVM inlines.
                 unsafe {
-                    __adapt_with::<$($P),*>(
+                    __call_packed::<$($P),*>(
                         regs,
                         |$($n),*| (C::CALLEE)($($n),*),
                         ::core::marker::PhantomData,
@@ -383,14 +390,14 @@ macro_rules! __rust_signature {
             }
         }
 
-        /// The adapter's side of a call of this signature: take the arguments from `regs`, run
-        /// `call` on them, return the result's images (or the panic signal).
+        /// The adapter's side of a call of this signature, without catching: take the arguments
+        /// from `regs`, run `call` on them, return the result's images.
         ///
         /// # Safety
         /// `regs` must be what a site of this signature passed, and `call` sound to run on them.
         #[inline(always)]
         #[allow(clippy::too_many_arguments, non_snake_case, dead_code)]
-        unsafe fn __adapt_with<$($lt,)* $($P),*>(
+        unsafe fn __call_packed<$($lt,)* $($P),*>(
             regs: &$crate::__private::Incoming,
             call: impl FnOnce($($t),*) -> $ret,
             // Only for its type: it gives this function the implied bounds of the signature
@@ -410,7 +417,7 @@ macro_rules! __rust_signature {
             let spill = unsafe { cursor.take_spill(regs) };
             $( let $n: $t = unsafe { cursor.take::<$t>(regs, spill) }; )*
             // SAFETY: `out` is the site's out-pointer.
-            unsafe { $crate::__private::run(move || call($($n),*), out) }
+            unsafe { $crate::__private::Images::of(call($($n),*), out) }
         }
 
         // The zero-sized target `T`: a function that conjures it and calls it. A struct with an
