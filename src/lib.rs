@@ -4,6 +4,23 @@
 //! ```
 //! use static_call::{define_static_call, static_call};
 //!
+//! fn find_scalar(n: u8, hay: &[u8]) -> Option<usize> { hay.iter().position(|&b| b == n) }
+//! define_static_call!(pub FIND: fn(u8, &[u8]) -> Option<usize> = find_scalar);
+//!
+//! let hay = b"axbx";
+//! let i = static_call!(FIND)(b'x', hay);              // Some(1): patched into a direct call
+//! FIND.update(|n, h| h.iter().rposition(|&b| b == n)); // a closure without captures
+//! let j = static_call!(FIND)(b'x', hay);              // Some(3)
+//! let f: fn(u8, &[u8]) -> Option<usize> = FIND.query();
+//! static_call::flush();                               // every site queued so far is patched
+//! assert_eq!((i, j, f(b'a', hay)), (Some(1), Some(3), Some(0)));
+//! ```
+//!
+//! `extern "C"` functions are targets too, called with no adapter at all:
+//!
+//! ```
+//! use static_call::{define_static_call, static_call};
+//!
 //! extern "C" fn add(a: i64, b: i64) -> i64 { a + b }
 //! extern "C" fn mul(a: i64, b: i64) -> i64 { a * b }
 //!
@@ -12,9 +29,7 @@
 //! let x = static_call!(CALC)(2, 3); // 5: the first run goes through the trampoline
 //! CALC.update(mul);                 // returns once every registered site calls `mul`
 //! let y = static_call!(CALC)(2, 3); // 6
-//! let f: extern "C" fn(i64, i64) -> i64 = CALC.query();
-//! static_call::flush();             // every site queued so far is patched (or given up on)
-//! assert_eq!((x, y, f(2, 3)), (5, 6, 6));
+//! assert_eq!((x, y), (5, 6));
 //! ```
 //!
 //! # How it works
@@ -25,7 +40,8 @@
 //! and jumps to the key's current target; a worker thread then verifies the site's bytes and
 //! rewrites the call into `call <target>` with one locked 8-byte compare-exchange, followed by a
 //! core-serialising `membarrier`. [`StaticCall::update`] stores the new target and rewrites every
-//! registered site the same way before it returns. A site whose bytes do not prove which key it
+//! registered site the same way before it returns. A Rust key's sites call an adapter instead of
+//! the target itself (docs/design.md, "Adapters"). A site whose bytes do not prove which key it
 //! belongs to is never patched; it keeps calling through the trampoline, which is always correct.
 //!
 //! # Platforms
@@ -36,8 +52,16 @@
 //!
 //! # Rules for targets
 //!
-//! - Targets are `extern "C"` functions: arguments travel in System V registers.
-//! - A panic in a target aborts the process (an `extern "C"` function cannot unwind).
+//! - A key's type is a Rust function type (`fn(..) -> R`, `unsafe fn`, `extern "C-unwind" fn`),
+//!   with any sized arguments and result, or an `extern "C"` one whose arguments travel in
+//!   registers. See [`define_static_call!`] and [`StaticCall`].
+//! - A Rust key's targets are function items and closures that capture nothing (they are called
+//!   without a value: a zero-sized `Copy + 'static` type), reached through an adapter into which
+//!   they inline; `#[target_feature]` functions through [`target_feature!`], `unsafe fn`s through
+//!   [`unsafe_target!`], function pointers through `update_pointer` (slower). A panic in a Rust
+//!   target unwinds to the caller with its payload; by-value arguments are dropped exactly once.
+//! - A panic in an `extern "C"` target aborts the process (an `extern "C"` function cannot
+//!   unwind).
 //! - The first static call in a process (and the first after `fork`, in the child) initialises
 //!   the library, which allocates and starts a thread. If that first call may happen inside a
 //!   signal handler, call [`init`] beforehand. After that, static calls are async-signal-safe;

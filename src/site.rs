@@ -2,9 +2,9 @@
 //!
 //! A site is written once per *key* (or once per `static_call!(OPS.field)` expansion), not once
 //! per signature, so its asm block has a fixed interface: a register file [`Regs`] holding the six
-//! System V integer argument registers and xmm0–7, and a result [`Ret`] of rax and xmm0. Unused
-//! registers are left uninitialised, which LLVM lowers to "whatever is there": no instruction is
-//! spent on them. The traits below put each argument in its register and take the result out;
+//! System V integer argument registers and xmm0–7, and a result [`Ret`] of rax, rdx and xmm0.
+//! Unused registers are left uninitialised, which LLVM lowers to "whatever is there": no
+//! instruction is spent on them. The traits below put each argument in its register and take the result out;
 //! after inlining, all of that folds away and the site is
 //!
 //! ```text
