@@ -107,7 +107,8 @@ if [ "$RETPOLINE" != 0 ]; then
         exit 1
     fi
     exe=$(find "$main_target/retpoline/release/deps" -name 'rust-*' -type f -executable | head -1)
-    if ! nm "$exe" | grep -q retpoline; then
+    # (grep without -q: with pipefail, `grep -q` stopping early would fail `nm` with SIGPIPE.)
+    if ! nm "$exe" | grep retpoline > /dev/null; then
         echo "error: the retpoline build of benches/rust.rs has no retpoline thunk: the flags did not take" >&2
         exit 1
     fi

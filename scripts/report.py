@@ -261,18 +261,18 @@ def main():
     st = series("call", "static_patched", rs)
     rp = series("call", "retpoline", rs)
     md.append("")
-    md.append("The unpatched rows come from their own process (benches/unpatched.rs, patching "
-              "switched off with `unpatch_all()`), the disabled row from another (the same bench run "
-              "with `STATIC_CALL_DISABLE=1`); their ratios are to the direct call measured in that "
-              "process. The Rust-key row's direct call is a call of a function that is not inlined "
-              "and does the same work (benches/rust.rs).")
+    note = ("The unpatched rows come from their own process (benches/unpatched.rs, patching "
+            "switched off with `unpatch_all()`), the disabled row from another (the same bench run "
+            "with `STATIC_CALL_DISABLE=1`); their ratios are to the direct call measured in that "
+            "process. The Rust-key row's direct call is a call of a function that is not inlined "
+            "and does the same work (benches/rust.rs).")
     if retpoline:
         flags = next((l.split(": ", 1)[1] for l in machine.splitlines()
                       if l.startswith("retpoline flags:")), "?")
-        md.append(f" The retpoline columns come from one run of a build with `{flags}`, in which "
-                  "every indirect call of the benches goes through LLVM's retpoline thunk (the "
-                  "precompiled standard library keeps plain indirect calls).")
-    md.append("\n")
+        note += (f" The retpoline columns come from one run of a build with `{flags}`, in which "
+                 "every indirect call of the benches goes through LLVM's retpoline thunk (the "
+                 "precompiled standard library keeps plain indirect calls).")
+    md.append(note + "\n")
     rust_section(md, rs, retpoline)
 
     if series("far", "static_thunk", rs):
@@ -440,7 +440,7 @@ def main():
 
     # Goals.
     md.append("")
-    md.append("### Goals (issue 5)\n")
+    md.append("### Goals (issues 5 and 10)\n")
     md.append("| goal | measured | met |")
     md.append("|---|---|:---:|")
 

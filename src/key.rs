@@ -1061,13 +1061,14 @@ unsafe fn ptr_to_fn<F: Copy>(p: *const ()) -> F {
 /// ```
 /// use static_call::{Signature, StaticCall};
 ///
-/// // Generic over any signature, e.g. to build keys in const contexts.
-/// const fn key_for<F: Signature>(f: F) -> StaticCall<F> {
-///     StaticCall::new(f)
+/// // Generic over any signature: a key with no target, for keys that return ().
+/// const fn no_target<F: Signature<Output = ()>>() -> StaticCall<F> {
+///     StaticCall::null()
 /// }
-/// extern "C" fn mix(a: u32, b: f64) -> f64 { a as f64 * b }
-/// static MIX: StaticCall<extern "C" fn(u32, f64) -> f64> = key_for(mix);
-/// assert_eq!(MIX.call(2, 1.5), 3.0);
+/// static HOOK: StaticCall<fn(&'static str)> = no_target();
+/// static C_HOOK: StaticCall<extern "C" fn(u32)> = no_target();
+/// static_call::static_call!(HOOK)("nothing happens");
+/// static_call::static_call!(C_HOOK)(7);
 /// ```
 ///
 /// # Safety
@@ -1105,8 +1106,20 @@ pub unsafe trait Signature: Copy + Send + Sync + 'static {
 }
 
 /// The `extern "C"` signatures: those whose targets sites call directly, and whose keys are
-/// built from a function pointer with [`StaticCall::new`].
-#[doc(hidden)]
+/// built from a function pointer with [`StaticCall::new`]. Implemented for every [`Signature`]
+/// whose [`Abi`] is [`CAbi`].
+///
+/// ```
+/// use static_call::{ExternC, StaticCall};
+///
+/// // Generic over the `extern "C"` signatures, e.g. to build keys in const contexts.
+/// const fn key_for<F: ExternC>(f: F) -> StaticCall<F> {
+///     StaticCall::new(f)
+/// }
+/// extern "C" fn mix(a: u32, b: f64) -> f64 { a as f64 * b }
+/// static MIX: StaticCall<extern "C" fn(u32, f64) -> f64> = key_for(mix);
+/// assert_eq!(MIX.call(2, 1.5), 3.0);
+/// ```
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is a Rust function type: build its key from the target with `StaticCall::to(f)`",
     label = "`StaticCall::new` takes an `extern \"C\"` function",

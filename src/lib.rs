@@ -112,7 +112,9 @@ use patcher as imp;
 pub use diagnostics::{
     Disabled, Error, ErrorKind, Reason, SiteInfo, SiteState, Stats, Status, WorkerStatus,
 };
-pub use key::{Abi, Batch, CAbi, ReturnZero, Signature, StaticCall, StaticCallKey, Target};
+pub use key::{
+    Abi, Batch, CAbi, ExternC, ReturnZero, Signature, StaticCall, StaticCallKey, Target,
+};
 pub use rust_key::{Adapter, RustAbi};
 pub use site::{Arg, NoResult, RetVal, ZeroableResult};
 
@@ -232,7 +234,7 @@ pub mod __private {
         finish, pointer_stub, resume_if_panicked, ret_class, zero_adapter,
     };
     pub use crate::key::{
-        Accepts, Change, ExternC, KeyShims, RawKey, assert_zero_target_drops_nothing, fn_to_ptr,
+        Accepts, Change, KeyShims, RawKey, assert_zero_target_drops_nothing, fn_to_ptr,
     };
     pub use crate::rust_key::{
         BorrowingSignatureMustBeSpelledOutInDefineStaticCall, RustTarget,
