@@ -28,8 +28,7 @@ mod imp {
     use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use criterion::{Criterion, Throughput};
     use static_call::{
-        StaticCallKey, define_static_branch, define_static_call, has_target, static_branch,
-        static_call,
+        define_static_branch, define_static_call, has_target, static_branch, static_call,
     };
 
     /// The work of one iteration: a dependent multiply and rotate.

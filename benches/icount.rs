@@ -23,6 +23,37 @@ mod imp {
     define_static_call!(INC: extern "C" fn(u64) -> u64 = inc);
     static FPTR: AtomicUsize = AtomicUsize::new(0);
 
+    /// A Rust target: its body inlines into the adapter that `INC_RUST`'s sites call.
+    fn inc_rust(x: u64) -> u64 {
+        x.wrapping_add(1)
+    }
+    define_static_call!(INC_RUST: fn(u64) -> u64 = inc_rust);
+
+    /// The direct call a Rust key's patched call is measured against: a call of a function that
+    /// is not inlined and holds the same body (as the adapter does).
+    #[inline(never)]
+    fn direct_inc_rust(x: u64) -> u64 {
+        inc_rust(x)
+    }
+
+    #[unsafe(no_mangle)]
+    #[inline(never)]
+    pub extern "C" fn icount_direct_rust(n: u64, mut x: u64) -> u64 {
+        for _ in 0..n {
+            x = direct_inc_rust(x);
+        }
+        x
+    }
+
+    #[unsafe(no_mangle)]
+    #[inline(never)]
+    pub extern "C" fn icount_static_rust(n: u64, mut x: u64) -> u64 {
+        for _ in 0..n {
+            x = static_call!(INC_RUST)(x);
+        }
+        x
+    }
+
     #[unsafe(no_mangle)]
     #[inline(never)]
     pub extern "C" fn icount_direct(n: u64, mut x: u64) -> u64 {
@@ -71,9 +102,12 @@ mod imp {
             other => panic!("mode must be `patched` or `unpatched`, not {other:?}"),
         };
         assert_eq!(icount_static(1, 0), 1);
+        assert_eq!(icount_static_rust(1, 0), 1);
         static_call::flush();
         let sites = INC.sites();
         assert_eq!(sites.len(), 1, "one site: {sites:?}");
+        assert_eq!(INC_RUST.sites().len(), 1, "one Rust-key site");
+        assert_eq!(INC_RUST.sites()[0].state, sites[0].state);
         let state = sites[0].state;
         if unpatched {
             assert!(matches!(state, SiteState::Trampoline(_)), "{state:?}");
@@ -91,8 +125,10 @@ mod imp {
             icount_direct(n, x),
             icount_static(n, x),
             icount_atomic_ptr(n, x),
+            icount_direct_rust(n, x),
+            icount_static_rust(n, x),
         );
-        assert_eq!(r, (n, n, n));
+        assert_eq!(r, (n, n, n, n, n));
         println!("icount {mode} n={n}: site {state:?}");
         if std::env::args().any(|a| a == "--bench") {
             println!("instruction counts per call: scripts/icount.py (callgrind)");

@@ -20,7 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
-use static_call::{SiteInfo, StaticCallKey, define_static_call, has_target, static_call};
+use static_call::{SiteInfo, define_static_call, has_target, static_call};
 
 /// What a trace event carries: built only while the hook is on.
 pub struct Record {

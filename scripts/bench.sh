@@ -8,11 +8,19 @@
 #   (`-C llvm-args=-align-loops=64`): where a loop falls relative to cache lines otherwise moves
 #   the patched/direct ratio by up to 20%. The flags apply to this build only, never to the
 #   repository's tests.
-# - Runs the criterion benches (benches/calls.rs, pressure.rs, unpatched.rs, wrappers.rs) ROUNDS times, each round
+# - Runs the criterion benches (benches/calls.rs, rust.rs, pressure.rs, unpatched.rs, wrappers.rs,
+#   and unpatched.rs again with STATIC_CALL_DISABLE=1, for the disabled path) ROUNDS times, each round
 #   saved as criterion baseline `roundN`, and benches/latency.rs once per round; the report gives
 #   the median over rounds and the spread, ratios always taken within one round.
 # - Rebuilds benches/calls.rs and pressure.rs with every function aligned to 32 and to 64 bytes
 #   and runs them once more for each (PLACEMENTS), to show how much code placement moves ratios.
+# - Rebuilds benches/calls.rs and rust.rs with retpolines (every indirect call and jump through a
+#   thunk, as Spectre-v2-mitigated kernels and some security-sensitive builds compile) and runs
+#   them once (baseline `retpoline`). On stable rustc that is `-C target-feature=
+#   +retpoline-indirect-calls,+retpoline-indirect-branches` (RETPOLINE_FLAGS overrides); rustc
+#   warns that this form is being phased out in favour of the nightly-only `-Zretpoline`. The
+#   script prints the flag it used, records it, and stops with an error if rustc refuses it or
+#   the build has no retpoline thunk. RETPOLINE=0 skips this step.
 # - Counts instructions per call with callgrind (scripts/icount.py).
 # - Writes the chart (docs/benchmarks-calls.svg) and the results section of docs/benchmarks.md
 #   (scripts/report.py).
@@ -24,6 +32,8 @@ ROUNDS=${ROUNDS:-3}
 # rounds above use LLVM's default, 16). Straight-line sites (the 1,024-site test) are not
 # covered by loop alignment, so their spread across placements is reported instead.
 PLACEMENTS=${PLACEMENTS:-"5 6"}
+RETPOLINE=${RETPOLINE:-1}
+RETPOLINE_FLAGS=${RETPOLINE_FLAGS:-"-C target-feature=+retpoline-indirect-calls,+retpoline-indirect-branches"}
 WARMUP=${WARMUP:-0.5}
 MEASURE=${MEASURE:-2}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target/bench-aligned}
@@ -49,11 +59,15 @@ cargo bench --no-run --quiet
 for round in $(seq 1 "$ROUNDS"); do
     echo "==> round $round/$ROUNDS (load: $(cut -d' ' -f1-3 /proc/loadavg))"
     echo "round $round load before: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$out/machine.txt"
-    for bench in calls pressure unpatched wrappers; do
+    for bench in calls rust pressure unpatched wrappers; do
         cargo bench --quiet --bench "$bench" -- --save-baseline "round$round" \
             --warm-up-time "$WARMUP" --measurement-time "$MEASURE" 2>&1 |
             grep -E '^[a-z0-9_]+/|time:' || true
     done
+    # The disabled path: patching off from initialisation (group `disabled`).
+    STATIC_CALL_DISABLE=1 cargo bench --quiet --bench unpatched -- --save-baseline "round$round" \
+        --warm-up-time "$WARMUP" --measurement-time "$MEASURE" 2>&1 |
+        grep -E '^[a-z0-9_]+/|time:' || true
     STATIC_CALL_BENCH_OUT="$out/round$round" cargo bench --quiet --bench latency
     echo "round $round load after: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$out/machine.txt"
 done
@@ -67,6 +81,43 @@ for log2 in $PLACEMENTS; do
         --warm-up-time "$WARMUP" --measurement-time "$MEASURE" 'call/|pressure' 2>&1 |
         grep -E '^[a-z0-9_]+/|time:' || true
 done
+
+if [ "$RETPOLINE" != 0 ]; then
+    echo "==> retpoline build: RUSTFLAGS += $RETPOLINE_FLAGS"
+    probe=$(mktemp -d)
+    echo 'fn main() { let f: fn() = std::hint::black_box(main as fn()); let _ = f; }' > "$probe/p.rs"
+    # shellcheck disable=SC2086 # the flags are several words on purpose
+    if ! rustc -O $RETPOLINE_FLAGS -o "$probe/p" "$probe/p.rs" 2> "$probe/err"; then
+        cat "$probe/err" >&2
+        echo "error: rustc refuses the retpoline flags '$RETPOLINE_FLAGS'" >&2
+        echo "       (set RETPOLINE_FLAGS to what this rustc takes, e.g. -Zretpoline on nightly, or RETPOLINE=0)" >&2
+        exit 1
+    fi
+    if grep -q warning "$probe/err"; then
+        echo "note: rustc warns: $(grep -m1 warning "$probe/err" | sed 's/^warning: //')"
+    fi
+    rm -rf "$probe"
+    echo "retpoline flags: $RETPOLINE_FLAGS" >> "$out/machine.txt"
+    # (Built first on its own, so that rustc's warning about the flag, repeated for every crate,
+    # stays in a log unless the build fails.)
+    if ! CARGO_TARGET_DIR="$main_target/retpoline" RUSTFLAGS="$RUSTFLAGS $RETPOLINE_FLAGS" \
+        cargo bench --quiet --bench calls --bench rust --no-run > "$out/retpoline-build.log" 2>&1; then
+        cat "$out/retpoline-build.log" >&2
+        echo "error: the retpoline build failed" >&2
+        exit 1
+    fi
+    exe=$(find "$main_target/retpoline/release/deps" -name 'rust-*' -type f -executable | head -1)
+    # (grep without -q: with pipefail, `grep -q` stopping early would fail `nm` with SIGPIPE.)
+    if ! nm "$exe" | grep retpoline > /dev/null; then
+        echo "error: the retpoline build of benches/rust.rs has no retpoline thunk: the flags did not take" >&2
+        exit 1
+    fi
+    CARGO_TARGET_DIR="$main_target/retpoline" CRITERION_HOME="$main_target/criterion" \
+        RUSTFLAGS="$RUSTFLAGS $RETPOLINE_FLAGS" \
+        cargo bench --quiet --bench calls --bench rust -- --save-baseline retpoline \
+        --warm-up-time "$WARMUP" --measurement-time "$MEASURE" 'call/|rust' 2>&1 |
+        grep -E '^[a-z0-9_]+/|time:' || true
+fi
 
 echo "==> instruction counts (callgrind)"
 scripts/icount.py

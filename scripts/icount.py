@@ -6,8 +6,8 @@ Deterministic (no timing involved), so it doubles as a regression guard:
     scripts/icount.py            # build benches/icount.rs, run it under callgrind, print a table
     scripts/icount.py --check    # also fail unless a patched call costs <= 2 instructions more
 
-Method: benches/icount.rs runs three exported loops (`icount_direct`, `icount_static`,
-`icount_atomic_ptr`) N times each. Callgrind counts the instructions of each loop inclusive of
+Method: benches/icount.rs runs five exported loops (`icount_direct`, `icount_static`,
+`icount_atomic_ptr`, and for a Rust key `icount_direct_rust`, `icount_static_rust`) N times each. Callgrind counts the instructions of each loop inclusive of
 what it calls; the script runs N1 and N2 = 2 * N1 and divides the difference by N1, which cancels
 the one-time cost of a site's first call (trampoline, registration, patching). The `unpatched`
 run calls `static_call::unpatch_all()` first, so the static-call loop measures the trampoline
@@ -26,7 +26,8 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N1 = 100_000
-LOOPS = ["icount_direct", "icount_static", "icount_atomic_ptr"]
+LOOPS = ["icount_direct", "icount_static", "icount_atomic_ptr", "icount_direct_rust",
+         "icount_static_rust"]
 
 
 def build():
@@ -108,15 +109,27 @@ def main():
         ("AtomicPtr fn pointer", patched["icount_atomic_ptr"]),
         ("unpatched static call (trampoline)", unpatched["icount_static"]),
     ]
+    rust_direct = patched["icount_direct_rust"]
+    rust_rows = [
+        ("direct call of a Rust fn (not inlined)", rust_direct),
+        ("patched static call, Rust key", patched["icount_static_rust"]),
+        ("unpatched static call, Rust key", unpatched["icount_static_rust"]),
+    ]
     print("instructions per loop iteration (one call + `dec; jne`), callgrind, inclusive:")
     for name, v in rows:
-        print(f"  {name:<36} {v:7.2f}   ({v - direct:+.2f} vs direct)")
+        print(f"  {name:<40} {v:7.2f}   ({v - direct:+.2f} vs direct)")
+    for name, v in rust_rows:
+        print(f"  {name:<40} {v:7.2f}   ({v - rust_direct:+.2f} vs direct)")
     result = {
         "direct": direct,
         "static_patched": patched["icount_static"],
         "atomic_ptr": patched["icount_atomic_ptr"],
         "static_unpatched": unpatched["icount_static"],
         "extra_patched": patched["icount_static"] - direct,
+        "direct_rust": rust_direct,
+        "static_rust": patched["icount_static_rust"],
+        "static_unpatched_rust": unpatched["icount_static_rust"],
+        "extra_rust": patched["icount_static_rust"] - rust_direct,
         "n": N1,
     }
     out_dir = os.environ.get("STATIC_CALL_BENCH_OUT", os.path.join(ROOT, "target", "static-call-bench"))

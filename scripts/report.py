@@ -26,8 +26,9 @@ DOC = os.path.join(ROOT, "docs", "benchmarks.md")
 SVG = os.path.join(ROOT, "docs", "benchmarks-calls.svg")
 
 # Calls per criterion iteration (benches/common/mod.rs CHAIN; benches/pressure.rs).
-PER_ITER = {"call": 1000, "unpatched": 1000, "null_ret0": 1000, "far": 1000, "pressure1024": 1024,
-            "pressure4096": 4096, "wrapper": 1000}
+PER_ITER = {"call": 1000, "unpatched": 1000, "disabled": 1000, "null_ret0": 1000, "far": 1000,
+            "rust": 1000, "rust_memchr": 1000, "pressure1024": 1024, "pressure4096": 4096,
+            "wrapper": 1000}
 
 
 def rounds(prefix="round"):
@@ -137,6 +138,73 @@ def fmt_ratio(v):
     return f"{med(v):.2f}×" + (f" ({spread(v)})" if len(v) > 1 else "")
 
 
+RUST_GOALS = [("`fn(u64) -> u64`", "rust", "static", "direct"),
+              ("`fn([u64; 8]) -> u64`", "rust", "static_array8", "direct_array8")] + [
+    (f"memchr, {n} B", "rust_memchr", f"static_{n}", f"direct_{n}") for n in (16, 32, 64, 4096)]
+
+
+def rust_section(md, rs, retpoline):
+    """Rust keys: benches/rust.rs."""
+    if not series("rust", "static", rs):
+        return
+    md.append("### Rust keys\n")
+    md.append("Rust-ABI keys (issue 10): sites call an adapter made for the target, into which it "
+              "inlines. Each row is a dependent chain; \"direct\" is a call of a function that is "
+              "not inlined and does the same work, which is what an adapter is.\n")
+    md.append("| call | ns per call | ÷ direct (same run) |" + (" retpoline build: ÷ direct |" if retpoline else ""))
+    md.append("|---|---:|---:|" + ("---:|" if retpoline else ""))
+    for label, b, base in [
+        ("`fn(u64) -> u64`, direct", "direct", "direct"),
+        ("… static call (the target inlined into its adapter)", "static", "direct"),
+        ("… `AtomicPtr<fn>`", "atomic_ptr", "direct"),
+        ("… static call to a function pointer (`update_pointer`)", "static_pointer", "direct"),
+        ("`fn([u64; 8]) -> u64` (by pointer), direct", "direct_array8", "direct_array8"),
+        ("… static call", "static_array8", "direct_array8"),
+        ("`fn(f64) -> f64`, direct", "direct_f64", "direct_f64"),
+        ("… static call (the result comes back in rax)", "static_f64", "direct_f64"),
+    ]:
+        v = series("rust", b, rs)
+        if not v:
+            continue
+        row = f"| {label} | {med(v):.2f} | {fmt_ratio(ratios('rust', b, base, rs))} |"
+        if retpoline:
+            a, d = ns_per_call("rust", b, "retpoline"), ns_per_call("rust", base, "retpoline")
+            row += f" {a / d:.2f}× |" if a and d else " |"
+        md.append(row)
+    md.append("")
+    md.append("memchr's own signature, `fn(u8, &[u8]) -> Option<usize>`, on a haystack whose only match "
+              "is its last byte (ns per search; ÷ the direct call of `memchr::memchr` in the same run):\n")
+    sizes = [16, 32, 64, 4096]
+    md.append("| search | " + " | ".join(f"{n} B" for n in sizes) + " |")
+    md.append("|---|" + "---:|" * len(sizes))
+    variants = [("`memchr::memchr`, direct (not inlined)", "direct"),
+                ("`memchr::memchr` through a static call", "static"),
+                ("`memchr::memchr` through an `AtomicPtr<fn>`", "atomic_ptr"),
+                ("static call to `memchr::arch`'s searcher, `target_feature!` adapter", "static_arch"),
+                ("static call to `memchr::arch`'s searcher, plain adapter", "static_arch_plain")]
+    for label, b in variants:
+        cells = []
+        for n in sizes:
+            v = series("rust_memchr", f"{b}_{n}", rs)
+            r = ratios("rust_memchr", f"{b}_{n}", f"direct_{n}", rs)
+            cells.append(f"{med(v):.2f} ({med(r):.2f}×)" if v else "")
+        md.append(f"| {label} | " + " | ".join(cells) + " |")
+    if retpoline:
+        md.append("")
+        md.append("The same searches in the retpoline build (one run; ÷ the direct call of "
+                  "`memchr::memchr`, whose own dispatch is then a retpolined indirect call):\n")
+        md.append("| search | " + " | ".join(f"{n} B" for n in sizes) + " |")
+        md.append("|---|" + "---:|" * len(sizes))
+        for label, b in variants:
+            cells = []
+            for n in sizes:
+                a, d = ns_per_call("rust_memchr", f"{b}_{n}", "retpoline"), ns_per_call(
+                    "rust_memchr", f"direct_{n}", "retpoline")
+                cells.append(f"{a:.2f} ({a / d:.2f}×)" if a and d else "")
+            md.append(f"| {label} | " + " | ".join(cells) + " |")
+    md.append("")
+
+
 def main():
     rs = rounds()
     runs = latency_runs()
@@ -148,38 +216,65 @@ def main():
     calls = [
         ("direct call (not inlined)", "call", "direct", "direct"),
         ("static call, patched", "call", "static_patched", "direct"),
+        ("static call, patched, Rust key (`fn(u64) -> u64`)", "rust", "static", "direct"),
         ("static call, unpatched (trampoline)", "unpatched", "static_unpatched", "direct"),
+        ("static call, unpatched, Rust key", "unpatched", "static_unpatched_rust", "direct"),
+        ("static call, patching disabled (`STATIC_CALL_DISABLE=1`)", "disabled", "static_unpatched",
+         "direct"),
         ("`AtomicPtr` fn pointer", "call", "atomic_ptr", "direct"),
         ("`&dyn Trait`", "call", "dyn_trait", "direct"),
         ("enum `match` (4 arms)", "call", "enum_match", "direct"),
-        ("retpoline indirect call", "call", "retpoline", "direct"),
+        ("retpoline indirect call (hand-written thunk)", "call", "retpoline", "direct"),
     ]
+    retpoline = os.path.exists(os.path.join(CRIT, "call", "direct", "retpoline"))
     md = []
     md.append(f"Measured {len(rs)} round(s); each cell is the median over rounds, with the "
               "min–max over rounds in brackets. Ratios are taken within a round, then the median "
               "of those is shown.\n")
     md.append("```text\n" + machine.strip() + "\n```\n")
     md.append("### Cost per call\n")
-    md.append("| call | ns per call | ÷ direct (same run) |")
-    md.append("|---|---:|---:|")
+    if retpoline:
+        md.append("| call | ns per call | ÷ direct (same run) | retpoline build: ns per call | "
+                  "÷ direct |")
+        md.append("|---|---:|---:|---:|---:|")
+    else:
+        md.append("| call | ns per call | ÷ direct (same run) |")
+        md.append("|---|---:|---:|")
     chart_rows = []
     for label, g, b, base in calls:
         v = series(g, b, rs)
         if not v:
             continue
         r = ratios(g, b, base, rs)
-        md.append(f"| {label} | {med(v):.2f} | {fmt_ratio(r)} |")
-        short = {"direct": "direct call", "static_patched": "static call, patched",
-                 "static_unpatched": "static call, unpatched", "atomic_ptr": "AtomicPtr fn pointer",
-                 "dyn_trait": "&dyn Trait", "enum_match": "enum match",
-                 "retpoline": "retpoline"}[b]
-        chart_rows.append((short if g != "unpatched" else short, v, f"({med(r):.2f}× direct)"))
+        row = f"| {label} | {med(v):.2f} | {fmt_ratio(r)} |"
+        if retpoline:
+            rv, rr = ns_per_call(g, b, "retpoline"), ns_per_call(g, base, "retpoline")
+            row += f" {rv:.2f} | {rv / rr:.2f}× |" if rv and rr else " | |"
+        md.append(row)
+        short = {("call", "direct"): "direct call", ("call", "static_patched"): "static call, patched",
+                 ("rust", "static"): "static call, Rust key",
+                 ("unpatched", "static_unpatched"): "static call, unpatched",
+                 ("unpatched", "static_unpatched_rust"): "unpatched, Rust key",
+                 ("disabled", "static_unpatched"): "patching disabled",
+                 ("call", "atomic_ptr"): "AtomicPtr fn pointer", ("call", "dyn_trait"): "&dyn Trait",
+                 ("call", "enum_match"): "enum match", ("call", "retpoline"): "retpoline"}[(g, b)]
+        chart_rows.append((short, v, f"({med(r):.2f}× direct)"))
     st = series("call", "static_patched", rs)
     rp = series("call", "retpoline", rs)
     md.append("")
-    md.append("The unpatched row comes from its own process (benches/unpatched.rs, patching "
-              "switched off with `unpatch_all()`); its ratio is to the direct call measured in that "
-              "process.\n")
+    note = ("The unpatched rows come from their own process (benches/unpatched.rs, patching "
+            "switched off with `unpatch_all()`), the disabled row from another (the same bench run "
+            "with `STATIC_CALL_DISABLE=1`); their ratios are to the direct call measured in that "
+            "process. The Rust-key row's direct call is a call of a function that is not inlined "
+            "and does the same work (benches/rust.rs).")
+    if retpoline:
+        flags = next((l.split(": ", 1)[1] for l in machine.splitlines()
+                      if l.startswith("retpoline flags:")), "?")
+        note += (f" The retpoline columns come from one run of a build with `{flags}`, in which "
+                 "every indirect call of the benches goes through LLVM's retpoline thunk (the "
+                 "precompiled standard library keeps plain indirect calls).")
+    md.append(note + "\n")
+    rust_section(md, rs, retpoline)
 
     if series("far", "static_thunk", rs):
         md.append("### A far target (beyond ±2 GiB of the site)\n")
@@ -377,10 +472,15 @@ def main():
                          ("`AtomicPtr` fn pointer", "atomic_ptr"),
                          ("unpatched static call", "static_unpatched")]:
             md.append(f"| {label} | {icount[k]:.2f} | {icount[k] - icount['direct']:+.2f} |")
+        if "direct_rust" in icount:
+            for label, k in [("direct call of a Rust function (not inlined)", "direct_rust"),
+                             ("patched static call, Rust key", "static_rust"),
+                             ("unpatched static call, Rust key", "static_unpatched_rust")]:
+                md.append(f"| {label} | {icount[k]:.2f} | {icount[k] - icount['direct_rust']:+.2f} |")
 
     # Goals.
     md.append("")
-    md.append("### Goals (issue 5)\n")
+    md.append("### Goals (issues 5 and 10)\n")
     md.append("| goal | measured | met |")
     md.append("|---|---|:---:|")
 
@@ -402,6 +502,10 @@ def main():
              med(pa) > 1 and all(v > 1 for v in pp))
     un = series("unpatched", "static_unpatched", rs)
     goal("unpatched ≤ 20 ns", f"{med(un):.1f} ns", med(un) <= 20)
+    for label, g, b, base in RUST_GOALS:
+        r = ratios(g, b, base, rs)
+        if r:
+            goal(f"Rust key, {label}: static ÷ direct ≤ 1.02 (issue 10)", fmt_ratio(r), med(r) <= 1.02)
     if runs:
         fp = lat(runs, "first_call.patched_us.p50")
         goal("first call → patched p50 ≤ 25 µs", f"{med(fp):.1f} µs", med(fp) <= 25)

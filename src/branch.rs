@@ -35,7 +35,7 @@
 
 use crate::diagnostics::{Error, SiteInfo};
 use crate::imp;
-use crate::key::{Batch, RawKey, RawTarget};
+use crate::key::{Batch, Change, RawKey, RawTarget};
 
 #[cfg(static_call_patching)]
 mod entry {
@@ -338,7 +338,7 @@ impl<'a> Batch<'a> {
     /// assert!(static_branch!(CHECKS) && !static_branch!(STATS));
     /// ```
     pub fn enable(self, branch: &'a StaticBranch) -> Self {
-        self.with(&branch.raw, RawTarget::Branch(true))
+        self.with(Change::raw(&branch.raw, RawTarget::Branch(true)))
     }
 
     /// Adds `branch.disable()`.
@@ -350,7 +350,7 @@ impl<'a> Batch<'a> {
     /// assert!(!B.is_enabled());
     /// ```
     pub fn disable(self, branch: &'a StaticBranch) -> Self {
-        self.with(&branch.raw, RawTarget::Branch(false))
+        self.with(Change::raw(&branch.raw, RawTarget::Branch(false)))
     }
 
     /// Adds `branch.set(on)`.
@@ -362,7 +362,7 @@ impl<'a> Batch<'a> {
     /// assert!(B.is_enabled());
     /// ```
     pub fn set(self, branch: &'a StaticBranch, on: bool) -> Self {
-        self.with(&branch.raw, RawTarget::Branch(on))
+        self.with(Change::raw(&branch.raw, RawTarget::Branch(on)))
     }
 }
 

@@ -4,6 +4,23 @@
 //! ```
 //! use static_call::{define_static_call, static_call};
 //!
+//! fn find_scalar(n: u8, hay: &[u8]) -> Option<usize> { hay.iter().position(|&b| b == n) }
+//! define_static_call!(pub FIND: fn(u8, &[u8]) -> Option<usize> = find_scalar);
+//!
+//! let hay = b"axbx";
+//! let i = static_call!(FIND)(b'x', hay);              // Some(1): patched into a direct call
+//! FIND.update(|n, h| h.iter().rposition(|&b| b == n)); // a closure without captures
+//! let j = static_call!(FIND)(b'x', hay);              // Some(3)
+//! let f: fn(u8, &[u8]) -> Option<usize> = FIND.query();
+//! static_call::flush();                               // every site queued so far is patched
+//! assert_eq!((i, j, f(b'a', hay)), (Some(1), Some(3), Some(0)));
+//! ```
+//!
+//! `extern "C"` functions are targets too, called with no adapter at all:
+//!
+//! ```
+//! use static_call::{define_static_call, static_call};
+//!
 //! extern "C" fn add(a: i64, b: i64) -> i64 { a + b }
 //! extern "C" fn mul(a: i64, b: i64) -> i64 { a * b }
 //!
@@ -12,9 +29,7 @@
 //! let x = static_call!(CALC)(2, 3); // 5: the first run goes through the trampoline
 //! CALC.update(mul);                 // returns once every registered site calls `mul`
 //! let y = static_call!(CALC)(2, 3); // 6
-//! let f: extern "C" fn(i64, i64) -> i64 = CALC.query();
-//! static_call::flush();             // every site queued so far is patched (or given up on)
-//! assert_eq!((x, y, f(2, 3)), (5, 6, 6));
+//! assert_eq!((x, y), (5, 6));
 //! ```
 //!
 //! # How it works
@@ -25,7 +40,8 @@
 //! and jumps to the key's current target; a worker thread then verifies the site's bytes and
 //! rewrites the call into `call <target>` with one locked 8-byte compare-exchange, followed by a
 //! core-serialising `membarrier`. [`StaticCall::update`] stores the new target and rewrites every
-//! registered site the same way before it returns. A site whose bytes do not prove which key it
+//! registered site the same way before it returns. A Rust key's sites call an adapter instead of
+//! the target itself (docs/design.md, "Adapters"). A site whose bytes do not prove which key it
 //! belongs to is never patched; it keeps calling through the trampoline, which is always correct.
 //!
 //! # Branches and hooks
@@ -62,8 +78,16 @@
 //!
 //! # Rules for targets
 //!
-//! - Targets are `extern "C"` functions: arguments travel in System V registers.
-//! - A panic in a target aborts the process (an `extern "C"` function cannot unwind).
+//! - A key's type is a Rust function type (`fn(..) -> R`, `unsafe fn`, `extern "C-unwind" fn`),
+//!   with any sized arguments and result, or an `extern "C"` one whose arguments travel in
+//!   registers. See [`define_static_call!`] and [`StaticCall`].
+//! - A Rust key's targets are function items and closures that capture nothing (they are called
+//!   without a value: a zero-sized `Copy + 'static` type), reached through an adapter into which
+//!   they inline; `#[target_feature]` functions through [`target_feature!`], `unsafe fn`s through
+//!   [`unsafe_target!`], function pointers through `update_pointer` (slower). A panic in a Rust
+//!   target unwinds to the caller with its payload; by-value arguments are dropped exactly once.
+//! - A panic in an `extern "C"` target aborts the process (an `extern "C"` function cannot
+//!   unwind).
 //! - The first static call in a process (and the first after `fork`, in the child) initialises
 //!   the library, which allocates and starts a thread. If that first call may happen inside a
 //!   signal handler, call [`init`] beforehand. After that, static calls are async-signal-safe;
@@ -75,10 +99,12 @@
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod adapter;
 mod branch;
 mod diagnostics;
 mod key;
 mod macros;
+mod rust_key;
 mod site;
 mod tail;
 
@@ -119,7 +145,10 @@ pub use branch::StaticBranch;
 pub use diagnostics::{
     Disabled, Error, ErrorKind, Reason, SiteInfo, SiteState, Stats, Status, WorkerStatus,
 };
-pub use key::{Batch, ReturnZero, Signature, StaticCall, StaticCallKey, Target};
+pub use key::{
+    Abi, Batch, CAbi, ExternC, ReturnZero, Signature, StaticCall, StaticCallKey, Target,
+};
+pub use rust_key::{Adapter, RustAbi};
 pub use site::{Arg, NoResult, RetVal, ZeroableResult};
 
 /// Blocks until every site queued so far has been patched or given up on.
@@ -239,13 +268,24 @@ struct ReadmeExamples;
 /// Items the macros expand to. Not part of the API.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::adapter::{
+        ConstCallee, Images, Incoming, Layout, RustSig, Zst, adapter, arg_class, catching, conjure,
+        finish, pointer_stub, resume_if_panicked, ret_class, zero_adapter,
+    };
     #[cfg(static_call_patching)]
     pub use crate::branch::branch_entry;
     pub use crate::branch::{branch_key, hook_key};
-    pub use crate::key::{KeyShims, RawKey};
-    pub use crate::site::{
-        Arg, Class, Cursor, Regs, Ret, RetVal, Site, SiteId, check_signature, site_id,
+    pub use crate::key::{
+        Accepts, Change, KeyShims, RawKey, assert_zero_target_drops_nothing, fn_to_ptr,
     };
+    pub use crate::rust_key::{
+        BorrowingSignatureMustBeSpelledOutInDefineStaticCall, RustTarget,
+        assert_target_is_zero_sized, key_from_parts, rust_key_to, rust_zero_key, zero_result,
+    };
+    pub use crate::site::{
+        Arg, Class, Cursor, Regs, Ret, RetVal, Site, SiteId, Xmm, check_signature, site_id,
+    };
+    pub use crate::site::{Probe, ProbeFallback};
     pub use crate::tail::same_signature;
     #[cfg(static_call_patching)]
     pub use crate::trampoline::{tail_trampoline, trampoline};

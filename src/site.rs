@@ -2,9 +2,9 @@
 //!
 //! A site is written once per *key* (or once per `static_call!(OPS.field)` expansion), not once
 //! per signature, so its asm block has a fixed interface: a register file [`Regs`] holding the six
-//! System V integer argument registers and xmm0–7, and a result [`Ret`] of rax and xmm0. Unused
-//! registers are left uninitialised, which LLVM lowers to "whatever is there": no instruction is
-//! spent on them. The traits below put each argument in its register and take the result out;
+//! System V integer argument registers and xmm0–7, and a result [`Ret`] of rax, rdx and xmm0.
+//! Unused registers are left uninitialised, which LLVM lowers to "whatever is there": no
+//! instruction is spent on them. The traits below put each argument in its register and take the result out;
 //! after inlining, all of that folds away and the site is
 //!
 //! ```text
@@ -45,10 +45,12 @@ impl Regs {
     };
 }
 
-/// The result registers of a call.
+/// The result registers of a call. (rdx carries the second half of a Rust key's 16-byte result,
+/// see `adapter.rs`; `extern "C"` keys never read it.)
 #[doc(hidden)]
 pub struct Ret {
     pub rax: MaybeUninit<u64>,
+    pub rdx: MaybeUninit<u64>,
     pub xmm0: MaybeUninit<Xmm>,
 }
 
@@ -190,6 +192,33 @@ pub unsafe trait ZeroableResult: RetVal {}
 pub trait NoResult: RetVal {}
 
 impl NoResult for () {}
+
+/// Answers, as constants, questions about a concrete type that has no trait to ask through (a
+/// Rust key's result, spelled out in `define_static_call!`): an inherent constant where the
+/// answer is yes, [`ProbeFallback`]'s `false` otherwise. Only meaningful for concrete types.
+#[doc(hidden)]
+pub struct Probe<T: ?Sized>(core::marker::PhantomData<T>);
+
+impl Probe<()> {
+    /// `()` is the one result a key without a target can have.
+    pub const IS_UNIT: bool = true;
+}
+
+impl<T: ZeroableResult> Probe<T> {
+    /// All-zero bits are a valid `T`, returned in rax.
+    pub const ZEROABLE: bool = true;
+}
+
+/// The "no" answers of [`Probe`].
+#[doc(hidden)]
+pub trait ProbeFallback {
+    /// Not `()`.
+    const IS_UNIT: bool = false;
+    /// Not a `ZeroableResult`.
+    const ZEROABLE: bool = false;
+}
+
+impl<T: ?Sized> ProbeFallback for Probe<T> {}
 
 /// Stores `v` in the low bytes of a register image; the bytes above are left undefined, which
 /// is what System V allows for 32- and 64-bit values and what costs no instruction.
@@ -499,6 +528,7 @@ macro_rules! __site_asm {
     ($base:path, $off:expr, $id:expr, $regs:expr) => {{
         let regs: $crate::__private::Regs = $regs;
         let rax;
+        let rdx;
         let xmm0;
         // SAFETY: the block loads the key's address into r11 and calls the trampoline, which
         // preserves every argument register and tail-calls the key's current target; after
@@ -521,7 +551,7 @@ macro_rules! __site_asm {
                 in("xmm0") regs.xmm[0], in("xmm1") regs.xmm[1], in("xmm2") regs.xmm[2],
                 in("xmm3") regs.xmm[3], in("xmm4") regs.xmm[4], in("xmm5") regs.xmm[5],
                 in("xmm6") regs.xmm[6], in("xmm7") regs.xmm[7],
-                lateout("rax") rax, lateout("xmm0") xmm0,
+                lateout("rax") rax, lateout("rdx") rdx, lateout("xmm0") xmm0,
                 // Not used: declaring a callee-saved register clobbered makes LLVM place the
                 // function's prologue, and with it the 16-byte stack alignment a `call` needs,
                 // before this block. Without it, LLVM's shrink-wrapping can leave the prologue
@@ -531,7 +561,7 @@ macro_rules! __site_asm {
                 clobber_abi("C"),
             );
         }
-        $crate::__private::Ret { rax, xmm0 }
+        $crate::__private::Ret { rax, rdx, xmm0 }
     }};
 }
 

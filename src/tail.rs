@@ -114,7 +114,7 @@ macro_rules! __static_call_fn {
             #[allow(dead_code, improper_ctypes_definitions)]
             fn check() {
                 // First the key's type, then the declared one against it.
-                let key: &$crate::StaticCall<_> = &$($key)+;
+                let key: &$crate::StaticCall<_, $crate::CAbi> = &$($key)+;
                 $crate::__private::same_signature::<
                     for<$($lt),*> $($unsafe)? extern "C" fn($($ty),*) $(-> $ret)?,
                 >(key);
@@ -177,6 +177,6 @@ macro_rules! __tail_fn_body {
 /// and a mismatch is reported as "expected safe fn, found unsafe fn" or with both types. Never
 /// called: `static_call_fn!` names it inside a function that exists for the type check alone.
 #[doc(hidden)]
-pub fn same_signature<D>(key: &crate::StaticCall<D>) {
+pub fn same_signature<D>(key: &crate::StaticCall<D, crate::CAbi>) {
     let _ = key;
 }

@@ -23,8 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use static_call::{
-    SiteState, StaticCallKey, define_static_branch, define_static_call, has_target, static_branch,
-    static_call,
+    SiteState, define_static_branch, define_static_call, has_target, static_branch, static_call,
 };
 
 const RUN_MS: u64 = 2000;

@@ -10,7 +10,7 @@
 mod common;
 
 use common::{BranchBytes, BranchState, branch_state, only_branch, patching, scenario};
-use static_call::{StaticBranch, StaticCallKey, define_static_call, has_target, static_call};
+use static_call::{StaticBranch, define_static_call, has_target, static_call};
 
 // --- two phases --------------------------------------------------------------------------------
 

@@ -15,8 +15,8 @@ use common::{
     BranchBytes, BranchState, branch_state, only_branch, patched_branch, patching, scenario,
 };
 use static_call::{
-    Batch, SiteState, StaticBranch, StaticCall, StaticCallKey, Target, define_static_branch,
-    define_static_call, has_target, static_branch, static_branch_likely, static_call,
+    Batch, SiteState, StaticBranch, StaticCall, Target, define_static_branch, define_static_call,
+    has_target, static_branch, static_branch_likely, static_call,
 };
 
 /// The branch site of `key` in `f`, found before it runs (or `None` without patching).
@@ -319,6 +319,70 @@ fn a_hook_builds_its_argument_never_while_off_and_once_per_call_while_on() {
         "built while off again"
     );
     assert_eq!(ON_REQUEST.target(), Target::Null);
+}
+
+// --- a hook over a Rust key -----------------------------------------------------------------
+
+static RUST_BUILT: AtomicU64 = AtomicU64::new(0);
+static RUST_SEEN: AtomicU64 = AtomicU64::new(0);
+
+fn build_text(id: u64) -> String {
+    RUST_BUILT.fetch_add(1, Ordering::Relaxed);
+    format!("request {id}")
+}
+
+define_static_call!(ON_TEXT: fn(&str) = None);
+
+#[inline(never)]
+fn handle_text(id: u64) {
+    if has_target!(ON_TEXT) {
+        static_call!(ON_TEXT)(&build_text(id));
+    }
+}
+
+/// A hook over a Rust key (an ordinary `fn(&str)`, targets that are closures) is the same branch:
+/// its argument is built only while the key has a target, and a panic in the hook reaches the
+/// caller through the branch and the adapter.
+#[test]
+fn a_hook_over_a_rust_key_follows_its_key_and_propagates_panics() {
+    const CALLS: u64 = 50;
+    let branch =
+        patching().then(|| only_branch(handle_text as fn(u64) as usize, ON_TEXT.as_ptr() as usize));
+    assert_state(branch, BranchState::Home);
+    handle_text(0);
+    static_call::flush();
+    assert_state(branch, BranchState::Nop);
+    for id in 0..CALLS {
+        handle_text(id);
+    }
+    assert_eq!(RUST_BUILT.load(Ordering::Relaxed), 0, "built while off");
+
+    ON_TEXT.update(|text| {
+        assert!(text.starts_with("request "));
+        RUST_SEEN.fetch_add(1, Ordering::Relaxed);
+    });
+    assert_state(branch, BranchState::Jump);
+    for id in 0..CALLS {
+        handle_text(id);
+    }
+    assert_eq!(RUST_BUILT.load(Ordering::Relaxed), CALLS);
+    assert_eq!(RUST_SEEN.load(Ordering::Relaxed), CALLS);
+
+    ON_TEXT.update(|text| panic!("hook saw {text}"));
+    let caught = std::panic::catch_unwind(|| handle_text(7)).expect_err("the hook panicked");
+    assert_eq!(
+        caught.downcast_ref::<String>().map(String::as_str),
+        Some("hook saw request 7")
+    );
+
+    ON_TEXT.set_null();
+    assert_state(branch, BranchState::Nop);
+    handle_text(8);
+    assert_eq!(
+        RUST_BUILT.load(Ordering::Relaxed),
+        CALLS + 1,
+        "built while off again"
+    );
 }
 
 extern "C" fn count_u64(x: u64) {

@@ -8,5 +8,9 @@
 #[test]
 fn unsupported_signatures_and_misuse_fail_to_compile() {
     let t = trybuild::TestCases::new();
+    // A program that must build. trybuild then builds every case instead of only checking it,
+    // so that errors found when generic code is instantiated (a closure that captures a value)
+    // show too.
+    t.pass("tests/compile_pass/*.rs");
     t.compile_fail("tests/compile_fail/*.rs");
 }

@@ -156,3 +156,119 @@ fn no_call_after_update_returns_reaches_an_older_target() {
         }
     }
 }
+
+// --- Rust keys: a target is two words (what sites call, and the Rust function) ---------------
+
+fn r0(v: &[u64]) -> u64 {
+    v[0] << 2
+}
+fn r1(v: &[u64]) -> u64 {
+    v[0] << 2 | 1
+}
+fn r2(v: &[u64]) -> u64 {
+    v[0] << 2 | 2
+}
+define_static_call!(RUST_HOT: fn(&[u64]) -> u64 = r0);
+
+/// Moves `RUST_HOT` to target `k % 3`, alternating the two ways a Rust key holds a target: a
+/// function item (its own adapter) and a function pointer (the pointer stub, which loads the
+/// pointer from the key at every call).
+fn set_rust_target(k: u64) {
+    const FNS: [fn(&[u64]) -> u64; 3] = [r0, r1, r2];
+    if k.is_multiple_of(2) {
+        RUST_HOT.update_pointer(FNS[(k % 3) as usize]);
+    } else {
+        match k % 3 {
+            0 => RUST_HOT.update(r0),
+            1 => RUST_HOT.update(r1),
+            _ => RUST_HOT.update(r2),
+        }
+    }
+}
+
+#[inline(never)]
+fn call_rust(x: u64) -> u64 {
+    static_call!(RUST_HOT)(&[x])
+}
+
+/// While the key moves between function items and function pointers (which changes what its
+/// sites call, the Rust function, or both), every call gets its own argument back and reaches a
+/// target no older than the last finished update.
+#[test]
+fn rust_key_calls_during_updates_reach_a_current_target() {
+    let epoch = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let deadline = Instant::now() + run_for() / 2;
+    std::thread::scope(|s| {
+        let callers: Vec<_> = (0..CALLERS as u64)
+            .map(|id| {
+                let (epoch, stop) = (&epoch, &stop);
+                s.spawn(move || {
+                    let mut t = Tally::default();
+                    let mut x = id << 40;
+                    while !stop.load(Ordering::Relaxed) {
+                        x += 1;
+                        let before = epoch.load(Ordering::Acquire);
+                        let r = call_rust(x);
+                        let after = epoch.load(Ordering::Acquire);
+                        t.calls += 1;
+                        if r >> 2 != x {
+                            t.wrong_result += 1;
+                            continue;
+                        }
+                        if after == before {
+                            t.checked += 1;
+                            let reached = r & 3;
+                            if reached != before % 3 && reached != (before + 1) % 3 {
+                                t.stale += 1;
+                            }
+                        }
+                    }
+                    t
+                })
+            })
+            .collect();
+        let mut k = 0u64;
+        while Instant::now() < deadline {
+            k += 1;
+            set_rust_target(k);
+            epoch.store(k, Ordering::Release);
+        }
+        stop.store(true, Ordering::Relaxed);
+        for (i, c) in callers.into_iter().enumerate() {
+            let t = c.join().unwrap();
+            eprintln!("rust caller {i}: {t:?}");
+            assert_eq!(t.wrong_result, 0, "caller {i} got another call's result");
+            assert_eq!(t.stale, 0, "caller {i} reached an older target");
+        }
+    });
+}
+
+fn q0(x: u64) -> u64 {
+    x << 2
+}
+fn q1(x: u64) -> u64 {
+    x << 2 | 1
+}
+define_static_call!(RACED: fn(u64) -> u64 = q0);
+
+/// Two threads update one Rust key at once, each with its own target. Whatever order they
+/// finish in, the key ends with the two words of one update: its sites and its `query()` reach
+/// the same target. (Without the Rust-key update lock, one thread's adapter could end up next to
+/// the other's Rust function.)
+#[test]
+fn concurrent_updates_of_a_rust_key_leave_it_consistent() {
+    let rounds = 1000;
+    for round in 0..rounds {
+        std::thread::scope(|s| {
+            s.spawn(|| RACED.update(q0));
+            s.spawn(|| RACED.update(q1));
+        });
+        let through_sites = static_call!(RACED)(round);
+        assert_eq!(
+            through_sites,
+            (RACED.query())(round),
+            "round {round}: sites and query() disagree"
+        );
+    }
+}

@@ -27,9 +27,8 @@ use common::{
 use static_call::__private::faults::{self, Point, Step};
 use static_call::static_call_fn;
 use static_call::{
-    Batch, Disabled, Error, ErrorKind, Reason, SiteInfo, SiteState, StaticCall, StaticCallKey,
-    Target, WorkerStatus, define_static_branch, define_static_call, has_target, static_branch,
-    static_call,
+    Batch, Disabled, Error, ErrorKind, Reason, SiteInfo, SiteState, StaticCall, Target,
+    WorkerStatus, define_static_branch, define_static_call, has_target, static_branch, static_call,
 };
 
 // --- keys, targets and the sites that call them --------------------------------------------
@@ -173,7 +172,7 @@ fn expect_hook(key: &StaticCall<extern "C" fn(u64)>) -> Expect {
     }
 }
 
-fn expect<F: Copy>(key: &StaticCall<F>) -> Expect {
+fn expect<F: static_call::ExternC>(key: &StaticCall<F>) -> Expect {
     match key.target() {
         Target::Function(f) => Expect::Call(common::addr(f)),
         Target::Null => Expect::Nop,

@@ -535,3 +535,46 @@ scenario! {
         run();
     }
 }
+scenario! {
+/// A Rust key inside a `dlopen`ed library: its site is patched to the key's adapter, `update`
+/// takes a closure, and a panic is caught with its payload, all inside the library (whose copy of
+/// the crate keeps the payload in its own thread-local). In a child process of its own: it writes
+/// the library's code, which `a_dlopened_library_patches_its_own_sites_and_stays_mapped` checks
+/// nothing else does.
+fn a_rust_key_in_a_dlopened_library() {
+    // (No early `return`: the scenario prints its "passed" line after the body.)
+    if !skip() {
+        rust_key_in_library();
+    }
+}
+}
+
+fn rust_key_in_library() {
+    let path = library_path();
+    let handle = dlopen(path, libc::RTLD_NOW | libc::RTLD_LOCAL);
+    assert!(!handle.is_null(), "dlopen: {}", dlerror());
+    #[repr(C)]
+    #[derive(Default, Debug)]
+    struct RustReport {
+        failed: u64,
+        site: usize,
+        func: usize,
+    }
+    let c = CString::new("sclib_rust").unwrap();
+    let p = unsafe { libc::dlsym(handle, c.as_ptr()) };
+    assert!(!p.is_null(), "dlsym(sclib_rust): {}", dlerror());
+    // SAFETY: `sclib_rust` in tests/cdylib/src/lib.rs has this type.
+    let run: extern "C" fn(&mut RustReport) = unsafe { std::mem::transmute(p) };
+    let mut report = RustReport::default();
+    run(&mut report);
+    assert_eq!(
+        report.failed, 0,
+        "check {} failed in the library",
+        report.failed
+    );
+    assert_ne!(
+        report.site, 0,
+        "the library registered its site: {report:x?}"
+    );
+    assert_calls(report.site, report.func, "the library key's adapter");
+}

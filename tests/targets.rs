@@ -7,7 +7,7 @@ mod common;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use common::{assert_sites_call, assert_sites_hold};
-use static_call::{StaticCall, StaticCallKey, Target, define_static_call, static_call};
+use static_call::{StaticCall, Target, define_static_call, static_call};
 
 const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
 const XOR_EAX: [u8; 5] = [0x2e, 0x2e, 0x2e, 0x31, 0xc0];
@@ -130,8 +130,8 @@ fn return_zero_means_null_false_and_none() {
     assert_sites_call(|| REF.sites(), REF.query() as usize, "some_ref");
 }
 
-// A field key with no target, and a macro key whose signature borrows (set through the
-// `StaticCallKey` methods, since its higher-ranked type has no generic `Signature`).
+// A field key with no target, and a macro key whose signature borrows (its higher-ranked type
+// has no generic `Signature`, so `set_null` is the key type's own method: no trait to import).
 
 pub struct Event {
     pub id: u32,

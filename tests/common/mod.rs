@@ -574,3 +574,45 @@ pub fn patched_branch(b: &BranchBytes, on: bool) -> BranchState {
         BranchState::Nop
     }
 }
+
+// --- Rust keys -------------------------------------------------------------------------------
+
+/// What a key's sites call: its first word (`RawKey::func`; the layout is in docs/design.md).
+/// For a Rust key that is the target's adapter, not the function `query()` returns.
+pub fn func_of<T>(key: &T) -> usize {
+    // SAFETY: every key starts with its `func` word, an aligned pointer-sized atomic.
+    unsafe {
+        (*(key as *const T as *const std::sync::atomic::AtomicUsize))
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// The word after a Rust key's `RawKey`: the Rust function `query()` returns.
+pub fn word_of<T>(key: &T) -> usize {
+    assert_eq!(size_of::<T>(), 24, "a Rust key is 24 bytes");
+    // SAFETY: a Rust key's third word is an aligned pointer-sized atomic.
+    unsafe {
+        (*(key as *const T as *const std::sync::atomic::AtomicUsize).add(2))
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// Checks the one site of `key` inside the shim `shim` (a function pointer `static_call!`
+/// returned): before its first call (`first` runs it) it calls the trampoline; once flushed it
+/// calls what the key's first word holds (for a Rust key, its adapter). Nothing to check where
+/// sites are not patched.
+#[track_caller]
+pub fn assert_site_patched_to_func<K, F: Copy>(shim: F, key: &K, first: impl FnOnce()) {
+    let key_addr = key as *const K as usize;
+    let site = patching().then(|| only_site(addr(shim), key_addr));
+    if let Some(site) = site
+        && call_target(site) != Some(func_of(key))
+    {
+        assert_calls(site, trampoline(), "trampoline");
+    }
+    first();
+    static_call::flush();
+    if let Some(site) = site {
+        assert_calls(site, func_of(key), "the key's function (adapter)");
+    }
+}

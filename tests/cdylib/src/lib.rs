@@ -197,3 +197,66 @@ pub extern "C" fn sclib_branch_function() -> usize {
 pub extern "C" fn sclib_branch_key() -> usize {
     LIB_BRANCH.as_ptr() as usize
 }
+
+// --- a Rust key in the library -------------------------------------------------------------------
+
+fn find(n: u8, hay: &[u8]) -> Option<usize> {
+    hay.iter().position(|&b| b == n)
+}
+define_static_call!(LIB_FIND: fn(u8, &[u8]) -> Option<usize> = find);
+
+/// Where the library's Rust-key site is and what it must call, for the test to decode.
+#[repr(C)]
+#[derive(Default)]
+pub struct RustReport {
+    /// 0 if every check passed, else the number of the first that failed.
+    pub failed: u64,
+    /// The site's `call` instruction (0 if none is registered).
+    pub site: usize,
+    /// What `LIB_FIND`'s sites must call: the key's first word, its adapter.
+    pub func: usize,
+}
+
+#[inline(never)]
+fn find_x(hay: &[u8]) -> Option<usize> {
+    static_call!(LIB_FIND)(b'x', hay)
+}
+
+/// Runs a Rust key inside the library: results, patching, `update` with a closure, and a panic
+/// caught in the library (its payload travels through the library's own thread-local, which in
+/// a shared library is reached through `__tls_get_addr`).
+#[unsafe(no_mangle)]
+pub extern "C" fn sclib_rust(out: &mut RustReport) {
+    out.failed = sclib_rust_checks();
+    static_call::flush();
+    out.site = LIB_FIND.sites().first().map_or(0, |s| s.address);
+    // SAFETY: a key's first word is its `func`, an aligned pointer-sized atomic.
+    out.func = unsafe {
+        (*(&*LIB_FIND as *const _ as *const core::sync::atomic::AtomicUsize))
+            .load(core::sync::atomic::Ordering::Acquire)
+    };
+}
+
+fn sclib_rust_checks() -> u64 {
+    if find_x(b"axb") != Some(1) {
+        return 1;
+    }
+    static_call::flush();
+    if find_x(b"abx") != Some(2) {
+        return 2;
+    }
+    LIB_FIND.update(|n, h| h.iter().rposition(|&b| b == n));
+    if find_x(b"xax") != Some(2) {
+        return 3;
+    }
+    LIB_FIND.update(|_, _| panic!("in the library"));
+    match std::panic::catch_unwind(|| find_x(b"x")) {
+        Err(p) if p.downcast_ref::<&str>() == Some(&"in the library") => {}
+        _ => return 4,
+    }
+    LIB_FIND.update(find);
+    if find_x(b"xx") != Some(0) {
+        return 5;
+    }
+    0
+}
