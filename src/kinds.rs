@@ -8,10 +8,16 @@
 //! |---|---|---|---|---|
 //! | `Call`: `static_call!(KEY)(..)` | `static_call_trampoline_v*` | `call <entry>` | `prove_site`: `lea r11, [rip + KEY]`, NOPs, `call <entry>` | `call f` (or its thunk) / NOP5 / RET0 |
 //! | `Tail`: `static_call_fn!` | `static_call_tail_trampoline_v*` | `jmp <entry>` | `prove_tail_site`: `lea r11, [rip + KEY]`, `lea r10, [rip + site]`, NOPs, `jmp <entry>`, `ret` | `jmp f` (or its thunk) / NOP5 / RET0, each followed by the `ret` |
+//! | `RunTime`: `key.call(..)`, `key.call_guarded(..)` | `static_call_run_time_trampoline_v*` | `call <entry>` | `prove_run_time_site`: `call <entry>`, and nothing about a key | not by target: `call <guard stub>` or the indirect call `call [r11]` (`guard.rs`) |
 //!
 //! The soundness rule, per kind: a site is only ever written once its own bytes prove which key
 //! it belongs to, *and* that it is of this kind: each kind reaches its own trampoline entry, and
-//! each proof requires that entry, so no kind's proof can accept another kind's site.
+//! each proof requires that entry, so no kind's proof can accept another kind's site. A run-time
+//! site proves no key (its r11 is computed outside its asm block, and LLVM may even merge two
+//! keys' `lea r11` in front of it, making bytes that look exactly like a call site): it is only
+//! ever written into code that reads the key's contents on every call (a guard stub, or the
+//! indirect call), which is correct for any key. So it is never *required*: no key change needs
+//! it rewritten, it is in no key's list, and `update` never touches it.
 
 use crate::arch::x86_64::{
     self as arch, Insn, PROLOGUE, SiteInsn, SiteWord, TAIL_CODE, TAIL_PROLOGUE, WORD,
@@ -30,6 +36,8 @@ pub(crate) enum Kind {
     Call = 0,
     /// A tail site: the body of a `static_call_fn!` wrapper.
     Tail = 1,
+    /// A run-time site: `key.call(args)` for a key known only at run time (`guard.rs`).
+    RunTime = 2,
 }
 
 impl Kind {
@@ -38,6 +46,7 @@ impl Kind {
     pub fn from_u32(n: u32) -> Kind {
         match n {
             1 => Kind::Tail,
+            2 => Kind::RunTime,
             _ => Kind::Call,
         }
     }
@@ -56,16 +65,33 @@ pub(crate) fn home(rt: &Runtime, kind: Kind, site: usize, _aux: [u64; 2]) -> Ins
     let entry = match kind {
         Kind::Call => SiteInsn::Call(rt.trampoline),
         Kind::Tail => SiteInsn::Jmp(rt.tail_trampoline),
+        Kind::RunTime => SiteInsn::Call(rt.run_time_trampoline),
     };
     arch::encode(site, entry).expect("trampoline within rel32 of its sites")
 }
 
-/// Checks that `site` is a site of `kind` in our own code, bound to `key`, and still as
-/// compiled.
-pub(crate) fn prove(rt: &Runtime, kind: Kind, site: usize, key: &RawKey) -> Result<Proof, Reason> {
-    match kind {
-        Kind::Call => prove_call(rt, site, key),
-        Kind::Tail => prove_tail(rt, site, key),
+/// Whether a site of `kind` holding `insn` (`home` is its home) is *required*: its bytes do not
+/// follow its key by themselves (a direct call, a NOP, `xor eax, eax`), so it must be rewritten
+/// when its key changes, and an all-or-nothing operation must fail if it cannot be. A site at
+/// home reaches the trampoline, which reads the key; a run-time site never is (every form it
+/// takes reads the key's contents on every call: the trampoline, a guard stub, `call [r11]`).
+pub(crate) fn required(kind: Kind, insn: Insn, home: Insn) -> bool {
+    kind != Kind::RunTime && insn != home
+}
+
+/// Checks that `site` is a site of `kind` in our own code, bound to `key` (a static key: call
+/// and tail sites have one, run-time sites none), and still as compiled.
+pub(crate) fn prove(
+    rt: &Runtime,
+    kind: Kind,
+    site: usize,
+    key: Option<&RawKey>,
+) -> Result<Proof, Reason> {
+    match (kind, key) {
+        (Kind::Call, Some(key)) => prove_call(rt, site, key),
+        (Kind::Tail, Some(key)) => prove_tail(rt, site, key),
+        (Kind::RunTime, _) => prove_run_time(rt, site),
+        (_, None) => Err(Reason::KeyNotProven),
     }
 }
 
@@ -87,6 +113,8 @@ pub(crate) fn wants(
         (Kind::Tail, RawTarget::Call(f)) => (SiteInsn::Jmp(f as usize), SiteInsn::Jmp),
         (Kind::Tail, RawTarget::Null(_)) => (SiteInsn::Nop, SiteInsn::Jmp),
         (Kind::Tail, RawTarget::Ret0(_)) => (SiteInsn::Ret0, SiteInsn::Jmp),
+        // A run-time site has no key of its own: `guard::wants` decides what it holds.
+        (Kind::RunTime, _) => return (home(rt, kind, site, aux), Some(Reason::NotASite)),
     };
     let via_thunk = || match target {
         RawTarget::Call(f) => arch::encode(site, via(thunks.get(f as usize)?)),
@@ -117,6 +145,28 @@ fn prove_tail(rt: &Runtime, site: usize, key: &RawKey) -> Result<Proof, Reason> 
         arch::INSN_LEN + 1,
         |code, start| arch::prove_tail_site(code, start, rt.tail_trampoline as u64),
     )
+}
+
+/// The proof for a run-time site: its five bytes, read from our own code, are `call <run-time
+/// entry>`, inside one aligned quadword. There is no key to prove (see the module's table).
+fn prove_run_time(rt: &Runtime, site: usize) -> Result<Proof, Reason> {
+    let object = rt
+        .object
+        .as_ref()
+        .ok_or(Reason::Disabled(Disabled::ObjectNotFound))?;
+    let at = SiteWord::of(site).ok_or(Reason::NotASite)?;
+    object
+        .exec_segment(at.addr, at.addr + WORD)
+        .ok_or(Reason::NotASite)?;
+    // SAFETY: the quadword lies in one of our executable segments, which stay mapped (our own
+    // object is pinned), and `at.addr` is 8-aligned.
+    let word = unsafe { linux::read_word(at.addr) };
+    arch::prove_run_time_site(&at.insn(word), site as u64, rt.run_time_trampoline as u64)?;
+    Ok(Proof {
+        at,
+        word,
+        aux: [0; 2],
+    })
 }
 
 /// Reads `before` bytes before `site` and `after` from it, all inside our own code, checks that
