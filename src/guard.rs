@@ -638,8 +638,7 @@ pub mod patching {
         ]
     }
 
-    /// The stub sets that `decide` asks for, for the sites in `slots` (holding `current`), so
-    /// that they can be made before the sites are planned.
+    /// The stub a decision asks for, so that it can be made before the site is planned.
     pub(crate) fn wanted_stub(next: &Next) -> Option<Vec<usize>> {
         match next {
             Next::Stub(targets) => Some(targets.clone()),
@@ -653,31 +652,44 @@ pub mod patching {
         pub reason: Option<Reason>,
     }
 
-    /// Plans the LIVE run-time site in `slot`, holding `current` (ours, with `reason`), at
-    /// `now_ms`, once the stubs it may want were made: what it should hold, and its bookkeeping
-    /// (`aux`, and `seen`'s miss count reset, or frozen where no miss should ever bring it back).
-    /// Under the patch lock.
+    /// Plans the LIVE run-time site in `slot`, holding `current` (ours, with `reason`), for the
+    /// decision `next` (`decide`, made before the stubs it may want were made): what it should
+    /// hold, and its bookkeeping (`aux`, and `seen`'s miss count reset, or frozen where no miss
+    /// should ever bring it back). Under the patch lock.
     pub(crate) fn plan(
         rt: &Runtime,
         slot: &Slot,
         current: Insn,
         reason: Option<Reason>,
+        next: Next,
         stubs: &Stubs,
-        now_ms: u64,
     ) -> Plan {
         let site = slot.site.load(Ordering::Relaxed);
-        let next = decide(rt, slot, current, stubs, now_ms);
         let (plan, frozen) = match next {
-            Next::Stay => {
-                let mega = form(rt, site, current, stubs) == Some(Form::Megamorphic);
-                (
+            Next::Stay => match form(rt, site, current, stubs) {
+                // A stub's bytes are there: whatever kept it from changing is over.
+                Some(Form::Stub(_)) => (
+                    Plan {
+                        want: current,
+                        reason: None,
+                    },
+                    false,
+                ),
+                Some(Form::Megamorphic) => (
                     Plan {
                         want: current,
                         reason,
                     },
-                    mega,
-                )
-            }
+                    true,
+                ),
+                _ => (
+                    Plan {
+                        want: current,
+                        reason,
+                    },
+                    false,
+                ),
+            },
             Next::Stub(targets) => match stubs.get(&targets) {
                 Some(stub) => (
                     Plan {
@@ -687,11 +699,14 @@ pub mod patching {
                     },
                     false,
                 ),
+                // `prepare` tried to make it: the pool is used up, new code was refused, or a
+                // far target has no thunk.
                 None => (megamorphic(site, Reason::NoRoomForStub), true),
             },
             Next::Megamorphic(why) => (megamorphic(site, why), true),
         };
         if plan.want != current {
+            let now_ms = now_ms();
             let mut book = Book::of(aux(slot));
             book.spent = book.spent_at(now_ms) + 1;
             book.generation = stubs.generation;

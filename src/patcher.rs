@@ -248,16 +248,23 @@ fn made(locked: &Locked) -> Made {
 
 /// Makes, before `slots` are planned, the thunks and guard stubs their plans will call: thunks
 /// for the far targets of their keys (call and tail sites) and of the stubs that run-time sites
-/// want, then those stubs. Each is its own batch, synced before the plan is written.
-fn prepare(rt: &Runtime, slots: &[(u32, &Slot)], made: &mut Made, now_ms: u64) {
-    if runtime::mode().is_err() {
-        return;
-    }
+/// want, then those stubs. Each is its own batch, synced before the plan is written. Returns
+/// what the guard policy decided for each run-time site (`None` for the others), decided once
+/// here, so that a miss noted meanwhile cannot make the plan ask for a stub no one made.
+fn prepare(
+    rt: &Runtime,
+    slots: &[(u32, &Slot)],
+    made: &mut Made,
+    now_ms: u64,
+) -> Vec<Option<guard::Next>> {
     let mut targets = Vec::new();
-    let mut sets = Vec::new();
-    for (_, slot) in slots {
-        match slot.static_key() {
-            Some(key) => targets.push(key.target()),
+    let decisions: Vec<Option<guard::Next>> = slots
+        .iter()
+        .map(|(_, slot)| match slot.static_key() {
+            Some(key) => {
+                targets.push(key.target());
+                None
+            }
             None => {
                 let info = Info::load(slot);
                 let current = if info.status == LIVE {
@@ -265,19 +272,26 @@ fn prepare(rt: &Runtime, slots: &[(u32, &Slot)], made: &mut Made, now_ms: u64) {
                 } else {
                     home(rt, slot)
                 };
-                let next = guard::decide(rt, slot, current, &made.stubs, now_ms);
-                sets.extend(guard::wanted_stub(&next));
+                Some(guard::decide(rt, slot, current, &made.stubs, now_ms))
             }
-        }
+        })
+        .collect();
+    if runtime::mode().is_ok() {
+        let sets: Vec<Vec<usize>> = decisions
+            .iter()
+            .flatten()
+            .filter_map(guard::wanted_stub)
+            .collect();
+        let far = sets.iter().flatten().copied();
+        let Made {
+            pool,
+            thunks,
+            stubs,
+        } = made;
+        thunks.make_for(rt, pool, called(targets).chain(far));
+        stubs.make_for(rt, pool, thunks, sets);
     }
-    let far = sets.iter().flatten().copied();
-    let Made {
-        pool,
-        thunks,
-        stubs,
-    } = made;
-    thunks.make_for(rt, pool, called(targets).chain(far));
-    stubs.make_for(rt, pool, thunks, sets);
+    decisions
 }
 
 /// The functions that `targets` call (NULL and return-zero targets need no thunk).
@@ -378,10 +392,9 @@ fn settle(rt: &Runtime, batch: &[u32], locked: &Locked) {
         .map(|&i| (i, rt.registry.slot(i)))
         .collect();
     let mut made = made(locked);
-    let now_ms = guard::now_ms();
-    prepare(rt, &slots, &mut made, now_ms);
-    for &(index, slot) in &slots {
-        settle_one(rt, slot, index, &mut plan, &made, now_ms, locked);
+    let decisions = prepare(rt, &slots, &mut made, guard::now_ms());
+    for (&(index, slot), decision) in slots.iter().zip(decisions) {
+        settle_one(rt, slot, index, &mut plan, &made, decision, locked);
         settled.push(slot);
     }
     // Every site planned here is on the trampoline, correct whatever happens: a failure only
@@ -401,7 +414,7 @@ fn settle_one(
     index: u32,
     plan: &mut Vec<Planned>,
     made: &Made,
-    now_ms: u64,
+    decision: Option<guard::Next>,
     locked: &Locked,
 ) {
     let key = slot.static_key();
@@ -429,27 +442,28 @@ fn settle_one(
     // A site planned here is on the trampoline (new, or queued again) or a run-time site, so
     // never required: an error (foreign bytes on a required site) cannot happen, and would leave
     // it as it is.
-    let _ = plan_live(rt, index, slot, plan, made, now_ms);
+    let _ = plan_live(rt, index, slot, plan, made, decision);
 }
 
 /// Plans the LIVE site in `slot` for what it should hold now: its key's target (call and tail
-/// sites), or what the guard policy says (run-time sites), once `prepare` made the code it
-/// calls.
+/// sites), or what the guard policy decided in `prepare` (run-time sites), once `prepare` made
+/// the code it calls.
 fn plan_live(
     rt: &Runtime,
     index: u32,
     slot: &Slot,
     plan: &mut Vec<Planned>,
     made: &Made,
-    now_ms: u64,
+    decision: Option<guard::Next>,
 ) -> Result<(), usize> {
-    let (want, reason) = match slot.static_key() {
-        Some(key) => wants(rt, slot, key.target(), &made.thunks),
-        None => {
+    let (want, reason) = match (slot.static_key(), decision) {
+        (Some(key), _) => wants(rt, slot, key.target(), &made.thunks),
+        (None, Some(next)) => {
             let info = Info::load(slot);
-            let p = guard::plan(rt, slot, info.insn, info.reason(), &made.stubs, now_ms);
+            let p = guard::plan(rt, slot, info.insn, info.reason(), next, &made.stubs);
             (p.want, p.reason)
         }
+        (None, None) => return Ok(()),
     };
     plan_site(rt, index, slot, want, reason, plan)
 }
@@ -576,11 +590,10 @@ fn retry_failed_writes(rt: &Runtime, locked: &Locked) {
         .filter(|(_, s)| matches!(Info::load(s).reason(), Some(Reason::WriteFailed { .. })))
         .collect();
     let mut made = made(locked);
-    let now_ms = guard::now_ms();
-    prepare(rt, &waiting, &mut made, now_ms);
+    let decisions = prepare(rt, &waiting, &mut made, guard::now_ms());
     let mut plan = Vec::new();
-    for &(index, slot) in &waiting {
-        let _ = plan_live(rt, index, slot, &mut plan, &made, now_ms);
+    for (&(index, slot), decision) in waiting.iter().zip(decisions) {
+        let _ = plan_live(rt, index, slot, &mut plan, &made, decision);
     }
     match write(rt, &mut plan) {
         Ok(()) => worker::retry_succeeded(),
