@@ -158,7 +158,7 @@ fn no_call_after_update_returns_reaches_an_older_target_in_any_state() {
             // Release: pairs with the callers' Acquire loads.
             EPOCH.store(k, Ordering::Release);
             std::thread::sleep(if k <= SLOW_BATCHES { SLOW_PAUSE } else { PAUSE });
-            if k <= SLOW_BATCHES || k % 16 == 0 {
+            if k <= SLOW_BATCHES || k.is_multiple_of(16) {
                 for info in static_call::run_time_sites() {
                     if sites.contains(&info.address) {
                         // The bytes and the reported state agree, at every state.
