@@ -241,7 +241,8 @@ fn drive(site_fn: fn(&Key, u64) -> u64, n: usize, mut rng: Option<Rng>) -> Vec<R
 
 #[test]
 fn one_site_sees_one_two_three_and_eight_keys_in_rotation_and_at_random() {
-    let cases: [(fn(&Key, u64) -> u64, usize, bool); 8] = [
+    type SiteFn = fn(&Key, u64) -> u64;
+    let cases: [(SiteFn, usize, bool); 8] = [
         (rot1, 1, false),
         (rot2, 2, false),
         (rot3, 3, false),
@@ -252,7 +253,7 @@ fn one_site_sees_one_two_three_and_eight_keys_in_rotation_and_at_random() {
         (rand8, 8, true),
     ];
     for (site_fn, n, random) in cases {
-        let rng = random.then(|| Rng(0x9e37_79b9_7f4a_7c15 ^ n as u64));
+        let rng = random.then_some(Rng(0x9e37_79b9_7f4a_7c15 ^ n as u64));
         let forms = drive(site_fn, n, rng);
         if !patching() {
             continue;
