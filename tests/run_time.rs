@@ -653,3 +653,266 @@ fn call_bytes(site: usize, dest: u64) -> [u8; 5] {
     let r = rel.to_le_bytes();
     [0xe8, r[0], r[1], r[2], r[3]]
 }
+
+// --- everything else still holds: each in a child process of its own ---------------------------
+
+use common::scenario;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+sites!(forked signalled mdwe_site mdwe_later unpatched_a unpatched_b);
+
+/// Drives the site `f` with `KEYS[..n]` in rotation, enough for it to settle with them, and
+/// returns its address (found before its first call).
+fn settle_with(f: fn(&Key, u64) -> u64, n: usize) -> usize {
+    let site = only_run_time_site(f as *const () as usize);
+    for round in 0..4 {
+        for i in 0..4 * static_call::__private::MISSES_TO_REQUEUE as usize {
+            let k = i % n;
+            let x = (round * 1000 + i) as u64;
+            assert_eq!(f(&KEYS[k], x), TARGETS[k](x));
+        }
+        static_call::flush();
+    }
+    site
+}
+
+scenario! {
+    /// fork() with a run-time site patched to a stub: the child's calls through it are right,
+    /// its misses go through a new worker (the child's), which re-patches the site in the
+    /// child only; the parent's site is as it was.
+    fn run_time_sites_survive_fork() {
+        let site = settle_with(forked, 1);
+        let before = run_time_state(site).0;
+        assert!(matches!(before, SiteState::Monomorphic { .. }), "{before:?}");
+        // SAFETY: the child only runs the closure below, then exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let verdict = std::panic::catch_unwind(|| {
+                for x in 0..64 {
+                    assert_eq!(forked(&KEYS[(x % 2) as usize], x), TARGETS[(x % 2) as usize](x));
+                }
+                static_call::flush();
+                assert_eq!(run_time_state(site).0, SiteState::Polymorphic { targets: 2 });
+                assert_eq!(static_call::status().worker, static_call::WorkerStatus::Running);
+            });
+            // SAFETY: ends the child without running the parent's exit handlers.
+            unsafe { libc::_exit(if verdict.is_ok() { 0 } else { 1 }) }
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child: {status:#x}");
+        assert_eq!(run_time_state(site).0, before, "the parent's site is its own");
+        assert_eq!(forked(&KEYS[0], 3), t0(3));
+    }
+}
+
+static HANDLED: AtomicU64 = AtomicU64::new(0);
+static HANDLER_WRONG: AtomicU64 = AtomicU64::new(0);
+/// The key the handler calls through: updated by the main thread meanwhile.
+static HOOK: Key = StaticCall::new(u0);
+
+/// A signal handler whose run-time calls include the first call of its site, and then misses
+/// of that site's stub (the key keeps changing): the slow path, in a handler, while the
+/// interrupted thread may hold the patch lock in `update`.
+extern "C" fn on_timer(_: libc::c_int) {
+    let n = HANDLED.fetch_add(1, Ordering::Relaxed);
+    let r = signalled(&HOOK, n);
+    let k = reached(r);
+    if r >> 4 != n || !(k == 8 || k == 9) {
+        HANDLER_WRONG.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+scenario! {
+    /// A high-rate timer signal whose handler makes run-time calls (a first call, then stub
+    /// hits and misses), interrupting a thread that keeps updating the key and taking the patch
+    /// lock: no deadlock, every call right.
+    fn run_time_calls_in_signal_handlers_never_deadlock() {
+        static_call::init();
+        // SAFETY: installs an async-signal-safe handler and a timer that signals this thread.
+        unsafe {
+            let mut action: libc::sigaction = core::mem::zeroed();
+            action.sa_sigaction = on_timer as *const () as usize;
+            action.sa_flags = libc::SA_RESTART;
+            assert_eq!(libc::sigaction(libc::SIGALRM, &action, core::ptr::null_mut()), 0);
+            let mut event: libc::sigevent = core::mem::zeroed();
+            event.sigev_notify = libc::SIGEV_THREAD_ID;
+            event.sigev_signo = libc::SIGALRM;
+            event.sigev_notify_thread_id = libc::gettid();
+            let mut timer: libc::timer_t = core::ptr::null_mut();
+            assert_eq!(libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut timer), 0);
+            let period = libc::timespec { tv_sec: 0, tv_nsec: 20_000 };
+            let spec = libc::itimerspec { it_interval: period, it_value: period };
+            assert_eq!(libc::timer_settime(timer, 0, &spec, core::ptr::null_mut()), 0);
+            let deadline = Instant::now() + Duration::from_millis(1500);
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                HOOK.update(if i.is_multiple_of(2) { u0 } else { u1 });
+                i += 1;
+            }
+            assert_eq!(libc::timer_delete(timer), 0);
+        }
+        let handled = HANDLED.load(Ordering::Relaxed);
+        println!("{handled} signals handled");
+        assert!(handled > 100, "the timer fired: {handled}");
+        assert_eq!(HANDLER_WRONG.load(Ordering::Relaxed), 0);
+        static_call::flush();
+        let site = static_call::run_time_sites();
+        assert_eq!(site.len(), 1, "the handler's site was registered: {site:?}");
+    }
+}
+
+const PR_SET_MDWE: i32 = 65;
+const PR_MDWE_REFUSE_EXEC_GAIN: u64 = 1;
+
+/// Forbids gaining execute permission for the rest of the process. False if the kernel does not
+/// know MDWE.
+fn set_mdwe() -> bool {
+    // SAFETY: prctl with integer arguments.
+    let r = unsafe { libc::prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0u64, 0u64, 0u64) };
+    if r != 0 {
+        println!("note: this kernel has no MDWE; the scenario checks nothing more");
+    }
+    r == 0
+}
+
+scenario! {
+    /// W^X before the first run-time call: the site stays on its entry, says why, every call is
+    /// right, and no miss makes the library try to write again.
+    fn mdwe_before_the_first_run_time_call() {
+        if !patching() || !set_mdwe() {
+            return;
+        }
+        let site = only_run_time_site(mdwe_site as *const () as usize);
+        for x in 0..1000 {
+            let k = (x % 3) as usize;
+            assert_eq!(mdwe_site(&KEYS[k], x), TARGETS[k](x));
+        }
+        static_call::flush();
+        let refused = static_call::Disabled::WriteRefused { errno: libc::EACCES };
+        assert_eq!(run_time_state(site).0, SiteState::Trampoline(Reason::Disabled(refused)));
+        let attempts = static_call::stats().mprotects;
+        for x in 0..10_000 {
+            let k = (x % 3) as usize;
+            assert_eq!(mdwe_site(&KEYS[k], x), TARGETS[k](x));
+        }
+        static_call::flush();
+        assert_eq!(static_call::stats().mprotects, attempts, "no retries");
+        assert_eq!(common::rwx_mappings(), Vec::<String>::new());
+    }
+}
+
+scenario! {
+    /// W^X after a run-time site was patched to a stub: `update` of its key still succeeds (no
+    /// run-time site has to be rewritten), and calls reach the new target, through the stub's
+    /// miss path; the site can no longer change, and nothing keeps trying.
+    fn mdwe_after_patching_leaves_run_time_sites_correct_and_updates_working() {
+        let key: Box<Key> = Box::new(StaticCall::new(u2));
+        let site = patching().then(|| only_run_time_site(mdwe_later as *const () as usize));
+        for x in 0..32 {
+            assert_eq!(mdwe_later(&key, x), u2(x));
+        }
+        static_call::flush();
+        if !set_mdwe() {
+            return;
+        }
+        key.try_update(u3).expect("no run-time site is required: update writes no code");
+        for x in 0..10_000 {
+            assert_eq!(mdwe_later(&key, x), u3(x), "the stub misses; the slow path is right");
+        }
+        static_call::flush();
+        let attempts = static_call::stats().mprotects;
+        for x in 0..10_000 {
+            assert_eq!(mdwe_later(&key, x), u3(x));
+        }
+        static_call::flush();
+        assert!(static_call::stats().mprotects <= attempts + 2, "no retry storm");
+        if let Some(site) = site {
+            let (state, _) = run_time_state(site);
+            assert!(matches!(state, SiteState::Monomorphic { .. }), "{state:?}");
+            assert!(static_call::status().patching.is_err());
+        }
+        assert_eq!(common::rwx_mappings(), Vec::<String>::new());
+    }
+}
+
+unsafe extern "C" {
+    fn labs(x: i64) -> i64;
+}
+
+type FarKey = StaticCall<unsafe extern "C" fn(i64) -> i64>;
+
+#[inline(never)]
+fn far_run_time(k: &FarKey, x: i64) -> i64 {
+    // SAFETY: labs and neg take any i64.
+    unsafe { k.call_guarded(x) }
+}
+
+extern "C" fn neg(x: i64) -> i64 {
+    -x
+}
+
+scenario! {
+    /// A key holding a target beyond ±2 GiB of the code (libc's `labs`): the stub's entry jumps
+    /// to the target's near thunk, never with a truncated rel32; a near target in the same
+    /// chain is jumped to directly.
+    fn a_far_target_is_reached_through_its_thunk() {
+        let far = labs as *const () as usize;
+        if far.abs_diff(far_run_time as *const () as usize) < (2usize << 30) {
+            println!("note: libc is within 2 GiB of the program here; nothing to check");
+            return;
+        }
+        let site = only_run_time_site(far_run_time as *const () as usize);
+        let a: FarKey = StaticCall::new(labs);
+        let b: FarKey = StaticCall::new(neg as unsafe extern "C" fn(i64) -> i64);
+        // The far key first, alone, so that the first stub is for it.
+        assert_eq!(far_run_time(&a, -1), 1);
+        static_call::flush();
+        for x in 0..64i64 {
+            assert_eq!(far_run_time(&a, -x), x);
+            assert_eq!(far_run_time(&b, x), -x);
+        }
+        static_call::flush();
+        let (state, form) = run_time_state(site);
+        assert_eq!(state, SiteState::Polymorphic { targets: 2 });
+        let RunTimeForm::Stub(stub) = form else { panic!("{form:?}") };
+        let (target, dest) = stub.entries[0];
+        assert_eq!(target, a.query() as usize);
+        assert_ne!(dest, target, "a far target goes through a thunk");
+        assert_eq!(common::thunk_target(dest), Some(target));
+        assert_eq!(stub.entries[1].0, stub.entries[1].1, "a near target is jumped to directly");
+        assert!(static_call::status().thunks >= 1);
+    }
+}
+
+scenario! {
+    /// `unpatch_all` returns every run-time site to its entry (whatever its form), says why,
+    /// and calls stay right; no miss brings a site back to a stub afterwards.
+    fn unpatch_all_returns_run_time_sites_to_their_entry() {
+        if !patching() {
+            return;
+        }
+        let mono = settle_with(unpatched_a, 1);
+        let many = settle_with(unpatched_b, 8);
+        assert_eq!(run_time_form(many), RunTimeForm::Megamorphic);
+        static_call::unpatch_all().expect("code is writable here");
+        for _ in 0..2 {
+            for site in [mono, many] {
+                assert_eq!(
+                    run_time_state(site),
+                    (SiteState::Trampoline(Reason::Disabled(static_call::Disabled::Unpatched)),
+                     RunTimeForm::Home)
+                );
+            }
+            for x in 0..100 {
+                let k = (x % 8) as usize;
+                assert_eq!(unpatched_a(&KEYS[0], x), t0(x));
+                assert_eq!(unpatched_b(&KEYS[k], x), TARGETS[k](x));
+            }
+            static_call::flush();
+        }
+    }
+}
