@@ -62,6 +62,15 @@ define_static_call!(H: extern "C" fn(u64) = note);
 define_static_call!(Z: extern "C" fn(u64) -> u64 = inc);
 define_static_call!(F: unsafe extern "C" fn(*const c_char) -> usize = my_strlen);
 static_call_fn!(unsafe fn f_tail(s: *const c_char) -> usize = F);
+/// Two keys called through one run-time site (a guard stub for both, once settled).
+static R1: StaticCall<extern "C" fn(u64) -> u64> = StaticCall::new(inc);
+static R2: StaticCall<extern "C" fn(u64) -> u64> = StaticCall::new(tri);
+
+/// The run-time site of the systematic test.
+#[inline(never)]
+fn run_time(key: &StaticCall<extern "C" fn(u64) -> u64>, x: u64) -> u64 {
+    key.call_guarded(x)
+}
 
 /// Two sites of `K`: 2x + 3 with `inc`, 4x + 2 with `dbl`.
 #[inline(never)]
@@ -75,20 +84,24 @@ fn three_sites(x: u64) -> u64 {
     static_call!(K)(x) + static_call!(K)(x + 1) + static_call!(K)(x + 2)
 }
 
-/// One site of every key of the systematic test, and what each returned.
+/// One site of every key of the systematic test (and a run-time site of two keys), and what
+/// each returned.
 #[inline(never)]
-fn every_key(x: u64) -> [u64; 5] {
+fn every_key(x: u64) -> [u64; 6] {
     let a = static_call!(A)(x) + static_call!(A)(x + 1);
     let b = static_call!(B)(x);
     static_call!(H)(x);
     let z = static_call!(Z)(x);
     // SAFETY: a NUL-terminated string.
     let f = unsafe { static_call!(F)(c"hello".as_ptr()) + f_tail(c"tail".as_ptr()) } as u64;
-    [a, b, HOOKED.swap(0, Ordering::Relaxed), z, f]
+    let r = (0..2 * static_call::__private::MISSES_TO_REQUEUE)
+        .map(|i| run_time(if i % 2 == 0 { &R1 } else { &R2 }, x))
+        .fold(0u64, u64::wrapping_add);
+    [a, b, HOOKED.swap(0, Ordering::Relaxed), z, f, r]
 }
 
 /// What `every_key` must return with the keys' current targets.
-fn every_key_expected(x: u64) -> [u64; 5] {
+fn every_key_expected(x: u64) -> [u64; 6] {
     let a = A.query();
     let hooked = match H.target() {
         Target::Null => 0,
@@ -98,7 +111,20 @@ fn every_key_expected(x: u64) -> [u64; 5] {
         Target::ReturnZero => 0,
         _ => Z.query()(x),
     };
-    [a(x) + a(x + 1), B.query()(x), hooked, z, 9]
+    let n = static_call::__private::MISSES_TO_REQUEUE;
+    let r = (R1.query()(x).wrapping_add(R2.query()(x))).wrapping_mul(n);
+    [a(x) + a(x + 1), B.query()(x), hooked, z, 9, r]
+}
+
+/// Every run-time site's bytes are a form it may take (its entry, a well-formed guard stub that
+/// misses to the entry, the indirect call), and `run_time_sites()` says what they are.
+fn assert_run_time_sites_consistent() {
+    let sites = static_call::run_time_sites();
+    assert!(!sites.is_empty(), "the run-time site was registered");
+    for s in sites {
+        assert_ne!(s.state, SiteState::Foreign, "{s:?}");
+        common::run_time_state(s.address);
+    }
 }
 
 // --- checking sites against their keys -------------------------------------------------------
@@ -609,6 +635,7 @@ fn run_op(op: &str, arm: impl FnOnce()) -> Result<(), Error> {
             .set_null(&H)
             .set_return_zero(&Z)
             .update(&F, PROBE_STRLEN.query())
+            .update(&R1, PROBE_DBL.query())
             .try_commit(),
         "unpatch_all" => static_call::unpatch_all(),
         _ => unreachable!(),
@@ -623,22 +650,30 @@ static PROBE_TRI: StaticCall<extern "C" fn(u64) -> u64> = StaticCall::new(tri);
 static PROBE_STRLEN: StaticCall<unsafe extern "C" fn(*const c_char) -> usize> =
     StaticCall::new(libc::strlen);
 
-/// The keys' targets as `(A, B, H, Z, F)` expectations.
-fn targets_now() -> [Expect; 5] {
-    [expect(&A), expect(&B), expect(&H), expect(&Z), expect(&F)]
+/// The keys' targets as `(A, B, H, Z, F, R1)` expectations.
+fn targets_now() -> [Expect; 6] {
+    [
+        expect(&A),
+        expect(&B),
+        expect(&H),
+        expect(&Z),
+        expect(&F),
+        expect(&R1),
+    ]
 }
 
 /// The targets each operation's success gives.
-fn targets_after_success(op: &str) -> [Expect; 5] {
+fn targets_after_success(op: &str) -> [Expect; 6] {
     let now = targets_now();
     match op {
-        "update" => [expect(&PROBE_DBL), now[1], now[2], now[3], now[4]],
+        "update" => [expect(&PROBE_DBL), now[1], now[2], now[3], now[4], now[5]],
         "batch" => [
             expect(&PROBE_TRI),
             expect(&PROBE_INC),
             Expect::Nop,
             Expect::Ret0,
             expect(&PROBE_STRLEN),
+            expect(&PROBE_DBL),
         ],
         _ => now,
     }
@@ -735,7 +770,8 @@ fn fault_child() {
         _ => None,
     };
     wait_for_retries();
-    let all: Vec<SiteInfo> = keys_now().into_iter().flat_map(|k| k.1).collect();
+    let mut all: Vec<SiteInfo> = keys_now().into_iter().flat_map(|k| k.1).collect();
+    all.extend(static_call::run_time_sites());
     for (at, was) in faults::foreign() {
         if let Some(s) = all.iter().find(|s| s.address == at) {
             assert_eq!(s.state, SiteState::Foreign, "{s:?}");
@@ -743,6 +779,7 @@ fn fault_child() {
         debugger_poke(at, was);
     }
     assert_consistent(&keys_now(), stuck);
+    assert_run_time_sites_consistent();
     if stuck.is_none() {
         // (The site an UndoFailed names does call the other target: that is what it says.)
         assert_eq!(
@@ -765,9 +802,12 @@ fn fault_child() {
         .update(&H, note)
         .update(&Z, dbl)
         .update(&F, my_strlen)
+        .update(&R1, inc)
         .commit();
     assert_consistent(&keys_now(), None);
     assert_eq!(every_key(3), every_key_expected(3));
+    static_call::flush();
+    assert_run_time_sites_consistent();
     println!("scenario fault_child passed");
 }
 
@@ -776,12 +816,17 @@ fn fault_child() {
 /// checked.
 fn wait_for_retries() {
     let waiting = || {
-        keys_now().into_iter().flat_map(|k| k.1).any(|s| {
-            matches!(
-                s.state,
-                SiteState::Trampoline(Reason::WriteFailed { .. }) | SiteState::Pending
-            )
-        })
+        let run_time = static_call::run_time_sites().into_iter();
+        keys_now()
+            .into_iter()
+            .flat_map(|k| k.1)
+            .chain(run_time)
+            .any(|s| {
+                matches!(
+                    s.state,
+                    SiteState::Trampoline(Reason::WriteFailed { .. }) | SiteState::Pending
+                )
+            })
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while waiting() {
