@@ -788,6 +788,9 @@ fn fault_child() {
             "calls reach the keys' targets"
         );
     }
+    // The calls above may have sent the run-time site back to the worker: wait for it (flush
+    // takes the patch lock, which the worker holds while pages are open).
+    static_call::flush();
     assert_eq!(
         rwx_mappings(),
         Vec::<String>::new(),
