@@ -28,6 +28,25 @@
 //! registered site the same way before it returns. A site whose bytes do not prove which key it
 //! belongs to is never patched; it keeps calling through the trampoline, which is always correct.
 //!
+//! A key known only at run time (a `&StaticCall` in a variable, on the heap) is called with
+//! [`StaticCall::call`]: in retpoline builds (or with `STATIC_CALL_GUARDS=on` at build time) a
+//! *run-time site*, which is never bound to a key but patched to a guard stub that checks what
+//! the key holds on every call and jumps straight there; otherwise a plain indirect call.
+//! [`StaticCall::call_guarded`] and [`StaticCall::call_indirect`] choose per call, and
+//! [`run_time_sites`] shows what each run-time site has become.
+//!
+//! ```
+//! use static_call::StaticCall;
+//!
+//! extern "C" fn read_disk(block: u64) -> u64 { block * 2 }
+//! extern "C" fn read_ram(block: u64) -> u64 { block }
+//!
+//! struct Dev { read: StaticCall<extern "C" fn(u64) -> u64> }
+//! let devs = [Dev { read: StaticCall::new(read_disk) }, Dev { read: StaticCall::new(read_ram) }];
+//! let total: u64 = devs.iter().map(|d| d.read.call_guarded(10)).sum();
+//! assert_eq!(total, 30);
+//! ```
+//!
 //! # Platforms
 //!
 //! Patching happens on x86-64 Linux (kernel 4.16 or later, for `membarrier` sync-core). Every
