@@ -49,7 +49,7 @@ cargo bench --no-run --quiet
 for round in $(seq 1 "$ROUNDS"); do
     echo "==> round $round/$ROUNDS (load: $(cut -d' ' -f1-3 /proc/loadavg))"
     echo "round $round load before: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$out/machine.txt"
-    for bench in calls pressure unpatched; do
+    for bench in calls pressure unpatched run_time; do
         cargo bench --quiet --bench "$bench" -- --save-baseline "round$round" \
             --warm-up-time "$WARMUP" --measurement-time "$MEASURE" 2>&1 |
             grep -E '^[a-z0-9_]+/|time:' || true
@@ -68,8 +68,21 @@ for log2 in $PLACEMENTS; do
         grep -E '^[a-z0-9_]+/|time:' || true
 done
 
+# Run-time keys (benches/run_time.rs, and pressure.rs's run-time mechanisms) in a retpoline build
+# as well: there an indirect call costs a retpoline, which guard stubs avoid. Own target dir and
+# criterion home (scripts/report_run_time.py reads both).
+echo "==> run-time keys, retpoline build"
+for round in $(seq 1 "$ROUNDS"); do
+    CARGO_TARGET_DIR="$main_target/retpoline" CRITERION_HOME="$main_target/criterion-retpoline" \
+        RUSTFLAGS="$RUSTFLAGS -C target-feature=+retpoline-indirect-calls,+retpoline-indirect-branches" \
+        cargo bench --quiet --bench run_time --bench pressure -- --save-baseline "round$round" \
+        --warm-up-time "$WARMUP" --measurement-time "$MEASURE" 'runtime/|pressure' 2>&1 |
+        grep -E '^[a-z0-9_]+/|time:' || true
+done
+
 echo "==> instruction counts (callgrind)"
 scripts/icount.py
 
 echo "==> report"
 scripts/report.py
+scripts/report_run_time.py
