@@ -133,11 +133,12 @@ pub enum Reason {
         /// errno from `mprotect`.
         errno: i32,
     },
-    /// A run-time site saw more targets than a guard stub holds (2 in a normal build, 4 in a
+    /// A run-time site saw more targets than a guard stub holds (2 in a normal build, 8 in a
     /// retpoline build): it calls whatever its key holds with one indirect call.
     TooManyTargets,
-    /// A run-time site changed form too often (more than 8 times in a row, earning one change
-    /// back per second), so it stopped following its keys' targets: an indirect call.
+    /// A run-time site changed form too often (more than 8 times in a row, 20 in a retpoline
+    /// build, earning one change back per second), so it stopped following its keys' targets:
+    /// an indirect call.
     TooManyChanges,
     /// No guard stub could be made for a run-time site (the code pool is used up, new executable
     /// memory was refused, or a far target has no thunk): an indirect call.

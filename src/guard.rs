@@ -241,13 +241,14 @@ pub mod patching {
     /// Most targets in one guard stub: a chain of compares costs one more compare per entry, and
     /// an indirect call costs a normal build little (docs/benchmarks.md, "Run-time keys"), a
     /// retpoline build a lot.
-    pub const MAX_ENTRIES: usize = if RETPOLINE { 4 } else { 2 };
+    pub const MAX_ENTRIES: usize = if RETPOLINE { 8 } else { 2 };
     /// Misses of a site's stub (calls reaching the slow path) after which the site goes back to
     /// the patcher. Each change of form costs two core syncs, which interrupt every thread of the
     /// process: a few rare misses are cheaper than that.
     pub const MISSES_TO_REQUEUE: u64 = 8;
-    /// Changes of form a site may make in a row before it goes megamorphic.
-    pub const MAX_CHANGES: u32 = 8;
+    /// Changes of form a site may make in a row before it goes megamorphic: enough to grow the
+    /// longest chain one target at a time, and as many again.
+    pub const MAX_CHANGES: u32 = 2 * MAX_ENTRIES as u32 + 4;
     /// A site earns back one change per this many milliseconds.
     pub(crate) const REFILL_MS: u64 = 1000;
 

@@ -112,16 +112,45 @@ fn the_megamorphic_stub_is_the_builds_indirect_jump_through_the_key() {
         return;
     }
     let at = common::megamorphic_stub();
-    let code = straight_line(at);
     if RETPOLINE {
-        assert_eq!(code.len(), 2, "{}", common::disassemble(at, 32));
-        assert_eq!(code[0].code(), Code::Mov_r64_rm64);
+        // The key's target into r10, then the retpoline, written out.
+        let bytes = read(at, 32);
+        let insns: Vec<Instruction> = Decoder::with_ip(64, &bytes, at as u64, DecoderOptions::NONE)
+            .iter()
+            .take(7)
+            .collect();
+        let m: Vec<Mnemonic> = insns.iter().map(|i| i.mnemonic()).collect();
         assert_eq!(
-            (code[0].op0_register(), code[0].memory_base()),
+            m,
+            [
+                Mnemonic::Mov,
+                Mnemonic::Call,
+                Mnemonic::Pause,
+                Mnemonic::Lfence,
+                Mnemonic::Jmp,
+                Mnemonic::Mov,
+                Mnemonic::Ret
+            ],
+            "{}",
+            common::disassemble(at, 32)
+        );
+        assert_eq!(
+            (insns[0].op0_register(), insns[0].memory_base()),
             (Register::R10, Register::R11)
         );
-        ends_in_jump_to_r10(at, "the megamorphic stub");
+        assert_eq!(
+            insns[1].near_branch64(),
+            insns[5].ip(),
+            "call over the trap"
+        );
+        assert_eq!(insns[4].near_branch64(), insns[2].ip(), "the trap loops");
+        assert_eq!(
+            (insns[5].memory_base(), insns[5].op1_register()),
+            (Register::RSP, Register::R10)
+        );
+        assert!(insns.iter().all(|i| !indirect(i)));
     } else {
+        let code = straight_line(at);
         assert_eq!(code.len(), 1);
         assert_eq!(
             (code[0].code(), code[0].memory_base()),
@@ -170,28 +199,28 @@ fn a_near_thunk_jumps_through_the_retpoline_in_a_retpoline_build() {
 
 type Key = StaticCall<extern "C" fn(u64) -> u64>;
 
-extern "C" fn r0(x: u64) -> u64 {
-    x
+macro_rules! adders {
+    ($($name:ident = $n:literal),*) => {
+        $(
+            extern "C" fn $name(x: u64) -> u64 {
+                x + $n
+            }
+        )*
+        /// More keys than the longest chain holds in any build.
+        static KEYS: [Key; 9] = [$(StaticCall::new($name)),*];
+    };
 }
-extern "C" fn r1(x: u64) -> u64 {
-    x + 1
-}
-extern "C" fn r2(x: u64) -> u64 {
-    x + 2
-}
-extern "C" fn r3(x: u64) -> u64 {
-    x + 3
-}
-extern "C" fn r4(x: u64) -> u64 {
-    x + 4
-}
-static KEYS: [Key; 5] = [
-    StaticCall::new(r0),
-    StaticCall::new(r1),
-    StaticCall::new(r2),
-    StaticCall::new(r3),
-    StaticCall::new(r4),
-];
+adders!(
+    r0 = 0,
+    r1 = 1,
+    r2 = 2,
+    r3 = 3,
+    r4 = 4,
+    r5 = 5,
+    r6 = 6,
+    r7 = 7,
+    r8 = 8
+);
 
 #[inline(never)]
 fn run_time_site(k: &Key, x: u64) -> u64 {
@@ -199,14 +228,14 @@ fn run_time_site(k: &Key, x: u64) -> u64 {
 }
 
 /// Guard stubs never branch indirectly (their miss path is a direct `jmp` to the run-time entry,
-/// whose own jump is the retpoline), hold 4 entries in a retpoline build and 2 otherwise, and a
+/// whose own jump is the retpoline), hold 8 entries in a retpoline build and 2 otherwise, and a
 /// site that sees more becomes the build's megamorphic form: a call of the megamorphic stub in
 /// a retpoline build, `call [r11]` otherwise.
 #[test]
-fn guard_stubs_hold_four_entries_and_megamorphic_sites_call_the_retpoline_stub() {
+fn guard_stubs_hold_eight_entries_and_megamorphic_sites_call_the_retpoline_stub() {
     let site = patching().then(|| run_time_sites_in(run_time_site as *const () as usize, 4096)[0]);
     let max = static_call::__private::MAX_ENTRIES;
-    assert_eq!(max, if RETPOLINE { 4 } else { 2 });
+    assert_eq!(max, if RETPOLINE { 8 } else { 2 });
     let mut x = 0;
     for n in 1..=max + 1 {
         for _ in 0..3 * static_call::__private::MISSES_TO_REQUEUE {

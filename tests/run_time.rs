@@ -24,24 +24,27 @@ macro_rules! targets {
         $(
             #[inline(never)]
             extern "C" fn $name(x: u64) -> u64 {
-                x << 4 | $n
+                x << 5 | $n
             }
         )*
-        const $all: [extern "C" fn(u64) -> u64; 8] = [$($name),*];
+        const $all: [extern "C" fn(u64) -> u64; 16] = [$($name),*];
     };
 }
-targets!(TARGETS: t0 = 0, t1 = 1, t2 = 2, t3 = 3, t4 = 4, t5 = 5, t6 = 6, t7 = 7);
+targets!(TARGETS: t0 = 0, t1 = 1, t2 = 2, t3 = 3, t4 = 4, t5 = 5, t6 = 6, t7 = 7, t8 = 8,
+    t9 = 9, t10 = 10, t11 = 11, t12 = 12, t13 = 13, t14 = 14, t15 = 15);
 // Targets of the tests that update keys, and of no other: an update away from a target makes
 // every site's next stub leave it out, which would change what the other tests see.
-targets!(UPDATED: u0 = 8, u1 = 9, u2 = 10, u3 = 11, u4 = 12, u5 = 13, u6 = 14, u7 = 15);
+targets!(UPDATED: u0 = 16, u1 = 17, u2 = 18, u3 = 19, u4 = 20, u5 = 21, u6 = 22, u7 = 23,
+    u8 = 24, u9 = 25, u10 = 26, u11 = 27, u12 = 28, u13 = 29, u14 = 30, u15 = 31);
 
-/// Which target (0..8) a call reached, from its result.
+/// Which target (0..32) a call reached, from its result.
 fn reached(r: u64) -> usize {
-    (r & 15) as usize
+    (r & 31) as usize
 }
 
-/// Keys of the eight targets, for the sites that only read keys.
-static KEYS: [Key; 8] = [
+/// Keys of the sixteen targets, for the sites that only read keys: more than the longest chain
+/// holds in any build.
+static KEYS: [Key; 16] = [
     StaticCall::new(t0),
     StaticCall::new(t1),
     StaticCall::new(t2),
@@ -50,6 +53,14 @@ static KEYS: [Key; 8] = [
     StaticCall::new(t5),
     StaticCall::new(t6),
     StaticCall::new(t7),
+    StaticCall::new(t8),
+    StaticCall::new(t9),
+    StaticCall::new(t10),
+    StaticCall::new(t11),
+    StaticCall::new(t12),
+    StaticCall::new(t13),
+    StaticCall::new(t14),
+    StaticCall::new(t15),
 ];
 
 /// The targets the first `n` of `KEYS` hold.
@@ -153,9 +164,9 @@ fn a_run_time_site_calls_its_own_entry_then_a_stub_that_compares_the_keys_conten
     }
 }
 
-// --- one site, 1, 2, 3 and 8 keys, in rotation and at random -----------------------------------
+// --- one site, 1, 2, 3, 8 and 16 keys, in rotation and at random ------------------------------
 
-sites!(rot1 rot2 rot3 rot8 rand1 rand2 rand3 rand8 staged);
+sites!(rot1 rot2 rot3 rot8 rot16 rand1 rand2 rand3 rand8 rand16 staged);
 
 /// Calls per round, between two `flush`es, and the most rounds before the site must be settled.
 const CALLS: usize = 64;
@@ -198,7 +209,7 @@ fn drive(site_fn: fn(&Key, u64) -> u64, n: usize, mut rng: Option<Rng>) -> Vec<R
             let k = rng.as_mut().map_or(i % n, |r| r.below(n));
             let x = (round * CALLS + i) as u64;
             let r = site_fn(&keys[k], x);
-            assert_eq!((r >> 4, reached(r)), (x, k), "round {round} call {i}");
+            assert_eq!((r >> 5, reached(r)), (x, k), "round {round} call {i}");
         }
         static_call::flush();
         let Some(site) = site else { continue };
@@ -240,17 +251,19 @@ fn drive(site_fn: fn(&Key, u64) -> u64, n: usize, mut rng: Option<Rng>) -> Vec<R
 }
 
 #[test]
-fn one_site_sees_one_two_three_and_eight_keys_in_rotation_and_at_random() {
+fn one_site_sees_one_two_three_eight_and_sixteen_keys_in_rotation_and_at_random() {
     type SiteFn = fn(&Key, u64) -> u64;
-    let cases: [(SiteFn, usize, bool); 8] = [
+    let cases: [(SiteFn, usize, bool); 10] = [
         (rot1, 1, false),
         (rot2, 2, false),
         (rot3, 3, false),
         (rot8, 8, false),
+        (rot16, 16, false),
         (rand1, 1, true),
         (rand2, 2, true),
         (rand3, 3, true),
         (rand8, 8, true),
+        (rand16, 16, true),
     ];
     for (site_fn, n, random) in cases {
         let rng = random.then_some(Rng(0x9e37_79b9_7f4a_7c15 ^ n as u64));
@@ -309,7 +322,7 @@ fn each_new_key_adds_one_entry_until_the_site_goes_megamorphic() {
             for (k, key) in KEYS[..n].iter().enumerate() {
                 x += 1;
                 let r = staged(key, x);
-                assert_eq!((r >> 4, reached(r)), (x, k));
+                assert_eq!((r >> 5, reached(r)), (x, k));
             }
         }
         static_call::flush();
@@ -375,7 +388,7 @@ fn a_key_replaced_in_place_inside_a_mutex_is_called_as_it_is_now() {
                     while !done.load(Ordering::Relaxed) {
                         let x = mine << 2 | c as u64;
                         let (r, which) = read_dev(x);
-                        assert_eq!((r >> 4, reached(r)), (x, which), "call {mine}");
+                        assert_eq!((r >> 5, reached(r)), (x, which), "call {mine}");
                         mine += 1;
                         calls.fetch_add(1, Ordering::Relaxed);
                     }
@@ -524,10 +537,10 @@ fn a_site_that_keeps_changing_goes_megamorphic() {
     let key: Box<Key> = Box::new(StaticCall::new(u0));
     let changes = static_call::__private::MAX_CHANGES as usize;
     for round in 0..changes + 3 {
-        let which = round % 8;
+        let which = round % 16;
         key.update(UPDATED[which]);
         for x in 0..2 * static_call::__private::MISSES_TO_REQUEUE {
-            assert_eq!(reached(call_churned(&key, x)), 8 + which);
+            assert_eq!(reached(call_churned(&key, x)), 16 + which);
         }
         static_call::flush();
     }
@@ -538,7 +551,7 @@ fn a_site_that_keeps_changing_goes_megamorphic() {
         );
         assert_eq!(run_time_form(site), RunTimeForm::Megamorphic);
     }
-    assert_eq!(reached(call_churned(&key, 1)), 8 + (changes + 2) % 8);
+    assert_eq!(reached(call_churned(&key, 1)), 16 + (changes + 2) % 16);
 }
 
 // --- static keys, and what key.call is ------------------------------------------------------------
@@ -725,7 +738,7 @@ extern "C" fn on_timer(_: libc::c_int) {
     let n = HANDLED.fetch_add(1, Ordering::Relaxed);
     let r = signalled(&HOOK, n);
     let k = reached(r);
-    if r >> 4 != n || !(k == 8 || k == 9) {
+    if r >> 5 != n || !(k == 16 || k == 17) {
         HANDLER_WRONG.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -900,7 +913,7 @@ scenario! {
             return;
         }
         let mono = settle_with(unpatched_a, 1);
-        let many = settle_with(unpatched_b, 8);
+        let many = settle_with(unpatched_b, 16);
         assert_eq!(run_time_form(many), RunTimeForm::Megamorphic);
         static_call::unpatch_all().expect("code is writable here");
         for _ in 0..2 {
@@ -912,7 +925,7 @@ scenario! {
                 );
             }
             for x in 0..100 {
-                let k = (x % 8) as usize;
+                let k = (x % 16) as usize;
                 assert_eq!(unpatched_a(&KEYS[0], x), t0(x));
                 assert_eq!(unpatched_b(&KEYS[k], x), TARGETS[k](x));
             }

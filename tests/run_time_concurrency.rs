@@ -3,7 +3,8 @@
 //! at that moment (on the trampoline, monomorphic, polymorphic, megamorphic) and across every
 //! change between them, which the worker makes while the calls go on.
 //!
-//! Four sites see 1, 2, 3 and 8 keys (heap keys), in rotation. The updater moves every key, in
+//! Four sites see 1, 2, 3 and 16 keys (heap keys), in rotation (16: more than the longest chain
+//! holds in any build). The updater moves every key, in
 //! one `Batch`, through three targets: after the `k`-th batch returns it publishes epoch `k`, in
 //! which key `j` holds target `(k + j) % 3`. A caller reads the epoch before and after each
 //! call; a call that saw epoch `e` before it started may only reach the target of batch `e` or of
@@ -25,7 +26,7 @@ use static_call::{Batch, SiteState, StaticCall};
 const RUN_MS: u64 = 3000;
 const CALLERS: usize = 3;
 /// Keys each site sees.
-const SITE_KEYS: [usize; 4] = [1, 2, 3, 8];
+const SITE_KEYS: [usize; 4] = [1, 2, 3, 16];
 /// Pause between two batches of updates: long for the first `SLOW_BATCHES` (every site settles
 /// between two, and is sampled), then short.
 const SLOW_PAUSE: Duration = Duration::from_millis(20);
@@ -120,7 +121,7 @@ fn state_name(s: &SiteState) -> &'static str {
 
 #[test]
 fn no_call_after_update_returns_reaches_an_older_target_in_any_state() {
-    let keys: Vec<&'static Key> = (0..8)
+    let keys: Vec<&'static Key> = (0..16)
         .map(|j| &*Box::leak(Box::new(StaticCall::new(TARGETS[j % 3]))))
         .collect();
     let sites: Vec<usize> = if common::patching() {
