@@ -26,7 +26,8 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N1 = 100_000
-LOOPS = ["icount_direct", "icount_static", "icount_atomic_ptr"]
+LOOPS = ["icount_direct", "icount_static", "icount_atomic_ptr", "icount_run_time_guarded",
+         "icount_run_time_indirect"]
 
 
 def build():
@@ -107,6 +108,8 @@ def main():
         ("patched static call", patched["icount_static"]),
         ("AtomicPtr fn pointer", patched["icount_atomic_ptr"]),
         ("unpatched static call (trampoline)", unpatched["icount_static"]),
+        ("run-time key, guard stub", patched["icount_run_time_guarded"]),
+        ("run-time key, call_indirect", patched["icount_run_time_indirect"]),
     ]
     print("instructions per loop iteration (one call + `dec; jne`), callgrind, inclusive:")
     for name, v in rows:
@@ -117,6 +120,8 @@ def main():
         "atomic_ptr": patched["icount_atomic_ptr"],
         "static_unpatched": unpatched["icount_static"],
         "extra_patched": patched["icount_static"] - direct,
+        "run_time_guarded": patched["icount_run_time_guarded"],
+        "run_time_indirect": patched["icount_run_time_indirect"],
         "n": N1,
     }
     out_dir = os.environ.get("STATIC_CALL_BENCH_OUT", os.path.join(ROOT, "target", "static-call-bench"))

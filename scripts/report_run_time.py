@@ -37,10 +37,12 @@ RUNTIME_ROWS = [
     ("indirect_mono", "run-time key, `call_indirect` (no cache): 1 key"),
     ("rt_poly2", "**cached: 2 keys alternating (2-entry chain)**"),
     ("indirect_poly2", "no cache: 2 keys alternating"),
-    ("rt_rot4", "**cached: 4 keys in rotation (4-entry chain in retpoline builds, megamorphic otherwise)**"),
+    ("rt_rot4", "**cached: 4 keys in rotation (megamorphic; a 4-entry chain in retpoline builds)**"),
     ("indirect_rot4", "no cache: 4 keys in rotation"),
-    ("rt_rot8", "**cached: 8 keys in rotation (megamorphic)**"),
+    ("rt_rot8", "**cached: 8 keys in rotation (megamorphic; an 8-entry chain in retpoline builds)**"),
     ("indirect_rot8", "no cache: 8 keys in rotation"),
+    ("rt_rot16", "**cached: 16 keys in rotation (megamorphic)**"),
+    ("indirect_rot16", "no cache: 16 keys in rotation"),
     ("atomic_ptr", "`AtomicPtr` function pointer"),
     ("dyn_trait", "`&dyn Trait`"),
 ]
@@ -116,6 +118,7 @@ def verdicts():
              ("runtime", "rt_poly2", "indirect_poly2", "2 keys"),
              ("runtime", "rt_rot4", "indirect_rot4", "4 keys"),
              ("runtime", "rt_rot8", "indirect_rot8", "8 keys"),
+             ("runtime", "rt_rot16", "indirect_rot16", "16 keys"),
              ("pressure1024", "run_time_guarded", "run_time_indirect", "1,024 sites"),
              ("pressure4096", "run_time_guarded", "run_time_indirect", "4,096 sites")]
     out = ["| case | cached ÷ no cache, normal build | retpoline build |", "|---|---:|---:|"]
