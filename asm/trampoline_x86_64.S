@@ -1,10 +1,15 @@
 /*
  * The static-call trampolines, x86-64 System V.  Pulled in by src/trampoline.rs with
- * global_asm!, which supplies three symbols:
+ * global_asm!, which supplies these symbols and constants:
  *   {tramp}  the entry of call sites; its name carries the crate version (two copies must link)
  *   {tail}   the entry of tail (`jmp`) sites, made by `static_call_fn!`
+ *   {rt}     the entry of run-time sites (`key.call`, src/guard.rs): a call site whose r11 was
+ *            computed outside its asm block, so its bytes prove no key.  Guard stubs jump here
+ *            too when they miss (the return address is still the site's).
  *   {slow}   the Rust slow path: extern "C" fn(key: *const RawKey, site: usize, kind: u32)
  *            -> target
+ *   {retpoline}     1 in a retpoline build (build.rs), else 0
+ *   {retpoline_r10} the retpoline thunk for r10 (asm/stubs_x86_64.S)
  *
  * An unpatched call site is                 An unpatched tail site (a whole function) is
  *       lea   r11, [rip + KEY]                    lea   r11, [rip + KEY]
@@ -12,9 +17,15 @@
  *       call  {tramp}                             <nop padding>
  *                                              1: jmp   {tail}
  *                                                 ret
- * so on entry to either: r11 = the key's address, every argument register (rdi rsi rdx rcx r8
+ * and an unpatched run-time site is  <r11 = the key, set by the compiler>  <nop padding>
+ * call {rt}.  Each kind of site reaches its own entry, which is what tells the kinds apart: LLVM
+ * may merge two run-time keys' `lea r11` in front of one run-time site, making bytes that look
+ * exactly like a call site of one of them, and only the entry says they are not.
+ *
+ * So on entry to any of them: r11 = the key's address, every argument register (rdi rsi rdx rcx r8
  * r9, xmm0-7, al for varargs) holds the caller's arguments, stack arguments sit above [rsp],
  * and rsp = 8 (mod 16).  [rsp] is the call site's return address (call site + 5) for {tramp};
+ * (so also for {rt});
  * for {tail} it is the return address of whoever called the wrapper, and r10 holds the tail
  * site's own address instead (r10 is neither an argument nor callee-saved under System V).
  *
@@ -26,7 +37,9 @@
  *
  * On exit r11 holds the key's address again, as it does when a patched site calls the target
  * directly (its `lea` ran just before): every target is entered with r11 = its key, whichever
- * way it was reached.  The jump goes through r10.
+ * way it was reached.  The jump goes through r10: `jmp r10`, or in a retpoline build a direct
+ * `jmp` to the retpoline thunk for r10, so that no indirect branch the crate writes by hand is
+ * left unprotected in a hardened program.
  *
  * Stack alignment invariant: on entry rsp = 8 (mod 16).  Eight 8-byte pushes keep it 8 (mod 16);
  * the 136-byte area (128 for xmm0-7, 8 of padding) makes it 0 (mod 16), so (1) the movaps stores
@@ -112,7 +125,11 @@
     .cfi_adjust_cfa_offset -8
     pop     rdi
     .cfi_adjust_cfa_offset -8
+    .if {retpoline}
+    jmp     {retpoline_r10}
+    .else
     jmp     r10
+    .endif
     .cfi_endproc
     .size   \name, . - \name
     .popsection
@@ -120,4 +137,5 @@
 
     static_call_entry {tramp}, {call_kind}, 0
     static_call_entry {tail}, {tail_kind}, 1
+    static_call_entry {rt}, {rt_kind}, 0
 .purgem static_call_entry

@@ -2,7 +2,7 @@
 //! deterministic, so they make a regression guard where timings are noise).
 //!
 //! `icount [patched|unpatched] [N]` runs each loop below N times, one call per iteration, after
-//! making sure the static-call site is patched (or, with `unpatched`, that it stays on the
+//! making sure the static-call site (and the run-time site, a monomorphic guard stub) is patched (or, with `unpatched`, that it stays on the
 //! trampoline). The loops are exported under fixed names so that `callgrind_annotate` finds
 //! them (each takes the start value as an argument, so that it stays in a register); the
 //! script runs two values of N and divides the difference, which cancels the one-time
@@ -87,6 +87,28 @@ mod imp {
         x
     }
 
+    /// A run-time key: a guarded site (a monomorphic stub once patched), and the same key
+    /// called indirectly (`key.call` without the cache).
+    #[unsafe(no_mangle)]
+    #[inline(never)]
+    pub extern "C" fn icount_run_time_guarded(n: u64, mut x: u64, key: &Key) -> u64 {
+        for _ in 0..n {
+            x = key.call_guarded(x);
+        }
+        x
+    }
+
+    #[unsafe(no_mangle)]
+    #[inline(never)]
+    pub extern "C" fn icount_run_time_indirect(n: u64, mut x: u64, key: &Key) -> u64 {
+        for _ in 0..n {
+            x = key.call_indirect(x);
+        }
+        x
+    }
+
+    type Key = static_call::StaticCall<extern "C" fn(u64) -> u64>;
+
     pub fn main() {
         let mut args = std::env::args().skip(1).filter(|a| !a.starts_with("--"));
         let mode = args.next().unwrap_or_else(|| "patched".into());
@@ -103,7 +125,24 @@ mod imp {
         };
         assert_eq!(icount_static(1, 0), 1);
         assert_eq!(icount_static_rust(1, 0), 1);
+        let key: &Key = Box::leak(Box::new(static_call::StaticCall::new(
+            inc as extern "C" fn(u64) -> u64,
+        )));
+        assert_eq!(icount_run_time_guarded(1, 0, key), 1);
         static_call::flush();
+        if !unpatched {
+            let rt = static_call::run_time_sites();
+            assert!(
+                matches!(
+                    rt[..],
+                    [static_call::SiteInfo {
+                        state: SiteState::Monomorphic { .. },
+                        ..
+                    }]
+                ),
+                "the run-time site must be a monomorphic stub: {rt:?}"
+            );
+        }
         let sites = INC.sites();
         assert_eq!(sites.len(), 1, "one site: {sites:?}");
         assert_eq!(INC_RUST.sites().len(), 1, "one Rust-key site");
@@ -127,8 +166,10 @@ mod imp {
             icount_atomic_ptr(n, x),
             icount_direct_rust(n, x),
             icount_static_rust(n, x),
+            icount_run_time_guarded(n, x, key),
+            icount_run_time_indirect(n, x, key),
         );
-        assert_eq!(r, (n, n, n, n, n));
+        assert_eq!(r, (n, n, n, n, n, n, n));
         println!("icount {mode} n={n}: site {state:?}");
         if std::env::args().any(|a| a == "--bench") {
             println!("instruction counts per call: scripts/icount.py (callgrind)");

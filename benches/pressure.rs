@@ -3,7 +3,12 @@
 //! per-site `&dyn Trait`.
 //!
 //! 4,096 leaves (`leaves::aN::bM`), each with a target function (`x + salt`, a distinct salt so
-//! the linker cannot fold them), a static-call key, an `AtomicPtr` and a `dyn` object. The sites
+//! the linker cannot fold them), a static-call key, an `AtomicPtr` and a `dyn` object. The key is
+//! also called as a run-time key (a table of `&StaticCall`, as the `dyn` objects are), through a
+//! guarded run-time site (`call_guarded`: a monomorphic guard stub each, in the code pool) and
+//! through `call_indirect`. `pressure1024_mapped` runs 1,024 run-time sites whose stubs landed
+//! in pages mapped after the pool's reserve in our text was used up, against the same number in
+//! the reserve. The sites
 //! live in 128 functions of 32 sites, one per mechanism in each module `aN` (LLVM's compile time
 //! for one function grows steeply past ~600 asm sites). `pressure1024` runs the first 32 of
 //! those functions, `pressure4096` all 128; every mechanism gets the same layout and the same
@@ -134,8 +139,41 @@ mod imp {
                 let _ = i;
                 x
             }
+
+            #[inline(never)]
+            pub fn run_time_guarded(mut x: u64, keys: &[&'static crate::imp::Key; 32]) -> u64 {
+                // The module's name makes this function's code its own: the 128 would be
+                // identical, and LLVM would fold them into one (32 sites for 4,096 keys).
+                core::hint::black_box(module_path!());
+                let mut i = 0;
+                $(
+                    let _ = stringify!($b);
+                    x = keys[i].call_guarded(x);
+                    i += 1;
+                )*
+                let _ = i;
+                x
+            }
+
+            #[inline(never)]
+            pub fn run_time_indirect(mut x: u64, keys: &[&'static crate::imp::Key; 32]) -> u64 {
+                // The module's name makes this function's code its own: the 128 would be
+                // identical, and LLVM would fold them into one (32 sites for 4,096 keys).
+                core::hint::black_box(module_path!());
+                let mut i = 0;
+                $(
+                    let _ = stringify!($b);
+                    x = keys[i].call_indirect(x);
+                    i += 1;
+                )*
+                let _ = i;
+                x
+            }
         };
     }
+
+    /// A key as a run-time value.
+    pub type Key = static_call::StaticCall<extern "C" fn(u64) -> u64>;
 
     pub mod leaves {
         outer!(module!());
@@ -163,16 +201,20 @@ mod imp {
         (@one $x:ident $f:ident $a:ident $k:ident ($objs:ident)) => {
             $x = super::leaves::$a::$f($x, &$objs[$k]);
         };
+        (@one $x:ident $f:ident $a:ident $k:ident ($objs:ident $base:literal)) => {
+            $x = super::leaves::$a::$f($x, &$objs[$base + $k]);
+        };
     }
 
     pub const MODULES: usize = 128;
     type DynTable = [[&'static dyn Op; 32]; MODULES];
+    type KeyTable = [[&'static Key; 32]; MODULES];
 
     /// The four mechanisms over the modules in `$list`.
     macro_rules! scenario {
         ($name:ident, $list:tt) => {
             mod $name {
-                use super::DynTable;
+                use super::{DynTable, KeyTable};
 
                 #[inline(never)]
                 pub fn direct(mut x: u64) -> u64 {
@@ -197,8 +239,44 @@ mod imp {
                     chain!(x dyn_trait (objs) $list);
                     x
                 }
+
+                #[inline(never)]
+                pub fn run_time_guarded(mut x: u64, keys: &KeyTable) -> u64 {
+                    chain!(x run_time_guarded (keys) $list);
+                    x
+                }
+
+                #[inline(never)]
+                pub fn run_time_indirect(mut x: u64, keys: &KeyTable) -> u64 {
+                    chain!(x run_time_indirect (keys) $list);
+                    x
+                }
             }
         };
+    }
+
+    /// The 1,024 run-time sites of modules a64..a95, whose stubs are made after the first
+    /// 2,048 (`setup` settles the modules in order): past the pool's reserve, in mapped pages.
+    mod s1024_mapped {
+        use super::KeyTable;
+
+        #[inline(never)]
+        pub fn direct(mut x: u64) -> u64 {
+            chain!(x direct () [
+                a64 a65 a66 a67 a68 a69 a70 a71 a72 a73 a74 a75 a76 a77 a78 a79
+                a80 a81 a82 a83 a84 a85 a86 a87 a88 a89 a90 a91 a92 a93 a94 a95
+            ]);
+            x
+        }
+
+        #[inline(never)]
+        pub fn run_time_guarded(mut x: u64, keys: &KeyTable) -> u64 {
+            chain!(x run_time_guarded (keys 64) [
+                a64 a65 a66 a67 a68 a69 a70 a71 a72 a73 a74 a75 a76 a77 a78 a79
+                a80 a81 a82 a83 a84 a85 a86 a87 a88 a89 a90 a91 a92 a93 a94 a95
+            ]);
+            x
+        }
     }
 
     scenario!(s1024, [
@@ -207,8 +285,9 @@ mod imp {
     ]);
     outer!(scenario!(s4096,));
 
-    fn setup() -> Box<DynTable> {
+    fn setup() -> (Box<DynTable>, Box<KeyTable>) {
         let mut objs: Vec<&'static dyn Op> = Vec::with_capacity(MODULES * 32);
+        let mut keys: Vec<&'static Key> = Vec::with_capacity(MODULES * 32);
         macro_rules! store {
             ($a:ident $b:ident) => {
                 leaves::$a::$b::PTR.store(
@@ -216,12 +295,17 @@ mod imp {
                     Ordering::Relaxed,
                 );
                 objs.push(&leaves::$a::$b::Obj);
+                keys.push(&*leaves::$a::$b::K);
             };
         }
         outer!(for_leaves!(store));
         let rows: Vec<[&'static dyn Op; 32]> =
             objs.chunks(32).map(|c| c.try_into().unwrap()).collect();
         let table: Box<DynTable> = Box::new(rows.try_into().unwrap_or_else(|_| unreachable!()));
+        let rows: Vec<[&'static Key; 32]> =
+            keys.chunks(32).map(|c| c.try_into().unwrap()).collect();
+        let keys: Box<KeyTable> = Box::new(rows.try_into().unwrap_or_else(|_| unreachable!()));
+        setup_run_time(&keys);
 
         // Run every static-call site once, let the worker patch them, and check.
         let want = s4096::direct(7);
@@ -240,11 +324,75 @@ mod imp {
         assert_eq!(s1024::static_calls(7), want);
         assert_eq!(s1024::atomic(7), want);
         assert_eq!(s1024::dyn_trait(7, &table), want);
-        table
+        (table, keys)
+    }
+
+    /// Settles the run-time sites module by module, in order (so that the first 2,048 stubs fill
+    /// the pool's reserve and the rest go to mapped pages), and checks that every one is
+    /// monomorphic, and where its stub is.
+    fn setup_run_time(keys: &KeyTable) {
+        let want = s4096::direct(7);
+        for chunk in 0..MODULES / 16 {
+            macro_rules! settle_modules {
+                ([$($a:ident)*]) => {{
+                    let mut m = 0;
+                    $(
+                        if m / 16 == chunk {
+                            let mut x = 7;
+                            x = leaves::$a::run_time_guarded(x, &keys[m]);
+                            let _ = x;
+                        }
+                        m += 1;
+                    )*
+                    let _ = m;
+                }};
+            }
+            outer!(settle_modules!());
+            static_call::flush();
+        }
+        assert_eq!(s4096::run_time_guarded(7, keys), want);
+        assert_eq!(s4096::run_time_indirect(7, keys), want);
+        assert_eq!(s1024::run_time_guarded(7, keys), s1024::direct(7));
+        assert_eq!(
+            s1024_mapped::run_time_guarded(7, keys),
+            s1024_mapped::direct(7)
+        );
+        static_call::flush();
+        if static_call::status().patching.is_ok() {
+            let sites = static_call::run_time_sites();
+            let mono = sites
+                .iter()
+                .filter(|s| matches!(s.state, static_call::SiteState::Monomorphic { .. }))
+                .count();
+            let mut others = std::collections::BTreeMap::new();
+            for s in &sites {
+                if !matches!(s.state, static_call::SiteState::Monomorphic { .. }) {
+                    *others.entry(format!("{:?}", s.state)).or_insert(0) += 1;
+                }
+            }
+            assert_eq!(
+                mono,
+                MODULES * 32,
+                "every run-time site is monomorphic; the others: {others:?}; {:?}",
+                static_call::status()
+            );
+            let (lo, hi) = static_call::__private::code_pool_reserve();
+            let in_reserve = sites
+                .iter()
+                .filter_map(|s| crate::common::call_target(s.address))
+                .filter(|t| (lo..hi).contains(t))
+                .count();
+            eprintln!(
+                "run-time sites: {mono} monomorphic, {in_reserve} of their stubs in the reserve, \
+                 {} in mapped pages ({} pages)",
+                mono - in_reserve,
+                static_call::stats().thunk_pages
+            );
+        }
     }
 
     pub fn benches(c: &mut Criterion) {
-        let table = setup();
+        let (table, keys) = setup();
         let mut g = c.benchmark_group("pressure1024");
         g.throughput(Throughput::Elements(1024));
         g.bench_function("direct", |b| b.iter(|| s1024::direct(black_box(0))));
@@ -254,6 +402,20 @@ mod imp {
         g.bench_function("atomic_ptr", |b| b.iter(|| s1024::atomic(black_box(0))));
         g.bench_function("dyn_trait", |b| {
             b.iter(|| s1024::dyn_trait(black_box(0), &table))
+        });
+        g.bench_function("run_time_guarded", |b| {
+            b.iter(|| s1024::run_time_guarded(black_box(0), &keys))
+        });
+        g.bench_function("run_time_indirect", |b| {
+            b.iter(|| s1024::run_time_indirect(black_box(0), &keys))
+        });
+        g.finish();
+
+        let mut g = c.benchmark_group("pressure1024_mapped");
+        g.throughput(Throughput::Elements(1024));
+        g.bench_function("direct", |b| b.iter(|| s1024_mapped::direct(black_box(0))));
+        g.bench_function("run_time_guarded", |b| {
+            b.iter(|| s1024_mapped::run_time_guarded(black_box(0), &keys))
         });
         g.finish();
 
@@ -266,6 +428,12 @@ mod imp {
         g.bench_function("atomic_ptr", |b| b.iter(|| s4096::atomic(black_box(0))));
         g.bench_function("dyn_trait", |b| {
             b.iter(|| s4096::dyn_trait(black_box(0), &table))
+        });
+        g.bench_function("run_time_guarded", |b| {
+            b.iter(|| s4096::run_time_guarded(black_box(0), &keys))
+        });
+        g.bench_function("run_time_indirect", |b| {
+            b.iter(|| s4096::run_time_indirect(black_box(0), &keys))
         });
         g.finish();
     }

@@ -59,7 +59,7 @@ cargo bench --no-run --quiet
 for round in $(seq 1 "$ROUNDS"); do
     echo "==> round $round/$ROUNDS (load: $(cut -d' ' -f1-3 /proc/loadavg))"
     echo "round $round load before: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$out/machine.txt"
-    for bench in calls rust pressure unpatched wrappers; do
+    for bench in calls rust pressure unpatched wrappers run_time; do
         cargo bench --quiet --bench "$bench" -- --save-baseline "round$round" \
             --warm-up-time "$WARMUP" --measurement-time "$MEASURE" 2>&1 |
             grep -E '^[a-z0-9_]+/|time:' || true
@@ -101,7 +101,7 @@ if [ "$RETPOLINE" != 0 ]; then
     # (Built first on its own, so that rustc's warning about the flag, repeated for every crate,
     # stays in a log unless the build fails.)
     if ! CARGO_TARGET_DIR="$main_target/retpoline" RUSTFLAGS="$RUSTFLAGS $RETPOLINE_FLAGS" \
-        cargo bench --quiet --bench calls --bench rust --no-run > "$out/retpoline-build.log" 2>&1; then
+        cargo bench --quiet --bench calls --bench rust --bench wrappers --no-run > "$out/retpoline-build.log" 2>&1; then
         cat "$out/retpoline-build.log" >&2
         echo "error: the retpoline build failed" >&2
         exit 1
@@ -114,13 +114,26 @@ if [ "$RETPOLINE" != 0 ]; then
     fi
     CARGO_TARGET_DIR="$main_target/retpoline" CRITERION_HOME="$main_target/criterion" \
         RUSTFLAGS="$RUSTFLAGS $RETPOLINE_FLAGS" \
-        cargo bench --quiet --bench calls --bench rust -- --save-baseline retpoline \
-        --warm-up-time "$WARMUP" --measurement-time "$MEASURE" 'call/|rust' 2>&1 |
+        cargo bench --quiet --bench calls --bench rust --bench wrappers -- --save-baseline retpoline \
+        --warm-up-time "$WARMUP" --measurement-time "$MEASURE" 'call/|rust|wrapper/' 2>&1 |
         grep -E '^[a-z0-9_]+/|time:' || true
 fi
+
+# Run-time keys (benches/run_time.rs, and pressure.rs's run-time mechanisms) in a retpoline build
+# as well: there an indirect call costs a retpoline, which guard stubs avoid. Own target dir and
+# criterion home (scripts/report_run_time.py reads both).
+echo "==> run-time keys, retpoline build"
+for round in $(seq 1 "$ROUNDS"); do
+    CARGO_TARGET_DIR="$main_target/retpoline" CRITERION_HOME="$main_target/criterion-retpoline" \
+        RUSTFLAGS="$RUSTFLAGS -C target-feature=+retpoline-indirect-calls,+retpoline-indirect-branches" \
+        cargo bench --quiet --bench run_time --bench pressure -- --save-baseline "round$round" \
+        --warm-up-time "$WARMUP" --measurement-time "$MEASURE" 'runtime/|pressure' 2>&1 |
+        grep -E '^[a-z0-9_]+/|time:' || true
+done
 
 echo "==> instruction counts (callgrind)"
 scripts/icount.py
 
 echo "==> report"
 scripts/report.py
+scripts/report_run_time.py

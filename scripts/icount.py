@@ -27,7 +27,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N1 = 100_000
 LOOPS = ["icount_direct", "icount_static", "icount_atomic_ptr", "icount_direct_rust",
-         "icount_static_rust"]
+         "icount_static_rust", "icount_run_time_guarded", "icount_run_time_indirect"]
 
 
 def build():
@@ -108,6 +108,8 @@ def main():
         ("patched static call", patched["icount_static"]),
         ("AtomicPtr fn pointer", patched["icount_atomic_ptr"]),
         ("unpatched static call (trampoline)", unpatched["icount_static"]),
+        ("run-time key, guard stub", patched["icount_run_time_guarded"]),
+        ("run-time key, call_indirect", patched["icount_run_time_indirect"]),
     ]
     rust_direct = patched["icount_direct_rust"]
     rust_rows = [
@@ -130,6 +132,8 @@ def main():
         "static_rust": patched["icount_static_rust"],
         "static_unpatched_rust": unpatched["icount_static_rust"],
         "extra_rust": patched["icount_static_rust"] - rust_direct,
+        "run_time_guarded": patched["icount_run_time_guarded"],
+        "run_time_indirect": patched["icount_run_time_indirect"],
         "n": N1,
     }
     out_dir = os.environ.get("STATIC_CALL_BENCH_OUT", os.path.join(ROOT, "target", "static-call-bench"))

@@ -90,7 +90,8 @@ impl fmt::Display for Disabled {
     }
 }
 
-/// Why a site keeps going through the trampoline instead of calling its target directly.
+/// Why a site keeps going through the trampoline instead of calling its target directly, or,
+/// for a run-time site, why it is a plain indirect call ([`SiteState::Megamorphic`]).
 ///
 /// ```
 /// use static_call::{Reason, SiteState, define_static_call, static_call};
@@ -132,6 +133,16 @@ pub enum Reason {
         /// errno from `mprotect`.
         errno: i32,
     },
+    /// A run-time site saw more targets than a guard stub holds (2 in a normal build, 8 in a
+    /// retpoline build): it calls whatever its key holds with one indirect call.
+    TooManyTargets,
+    /// A run-time site changed form too often (more than 8 times in a row, 20 in a retpoline
+    /// build, earning one change back per second), so it stopped following its keys' targets:
+    /// an indirect call.
+    TooManyChanges,
+    /// No guard stub could be made for a run-time site (the code pool is used up, new executable
+    /// memory was refused, or a far target has no thunk): an indirect call.
+    NoRoomForStub,
 }
 
 impl fmt::Display for Reason {
@@ -151,6 +162,11 @@ impl fmt::Display for Reason {
                 "mprotect failed ({}); the patcher tries again later",
                 errno_name(*errno)
             ),
+            Reason::TooManyTargets => {
+                f.write_str("the run-time site saw more targets than a guard stub holds")
+            }
+            Reason::TooManyChanges => f.write_str("the run-time site changed form too often"),
+            Reason::NoRoomForStub => f.write_str("no guard stub could be made for the site"),
         }
     }
 }
@@ -189,6 +205,21 @@ pub enum SiteState {
     /// happens only after an update failed with [`ErrorKind::UndoFailed`] naming this site, once
     /// the foreign bytes that were over it are gone; the next update of the key rewrites it.
     Stale,
+    /// A run-time site ([`run_time_sites`](crate::run_time_sites)) that calls a guard stub for
+    /// one target: when its key holds `target`, a call costs a direct call, a compare and a
+    /// jump; otherwise the stub misses and the call goes through the trampoline.
+    Monomorphic {
+        /// The function the stub checks for (and jumps to).
+        target: usize,
+    },
+    /// A run-time site that calls a guard stub for `targets` targets (a chain of compares).
+    Polymorphic {
+        /// How many targets the stub checks for.
+        targets: usize,
+    },
+    /// A run-time site that calls whatever its key holds with an indirect call (through a
+    /// retpoline in a retpoline build), for this reason.
+    Megamorphic(Reason),
 }
 
 /// One call site, as [`StaticCall::sites`](crate::StaticCall::sites) lists it.
@@ -422,6 +453,13 @@ pub struct Status {
     /// or 0 when all thunk pages are used. Sites of such targets stay on the trampoline with
     /// [`Reason::TargetOutOfRange`].
     pub thunk_error: Option<i32>,
+    /// Whether [`StaticCall::call`](crate::StaticCall::call) is a guarded run-time site in this
+    /// build (on by default in retpoline builds; `STATIC_CALL_GUARDS=on` or `off` at build time
+    /// overrides that), rather than a plain indirect call. `call_guarded` and `call_indirect`
+    /// choose per call.
+    pub guards: bool,
+    /// Guard stubs written so far (one per distinct list of targets that run-time sites guard).
+    pub stubs: usize,
 }
 
 /// Counters of the patching work done so far in this process, from [`stats`](crate::stats).
@@ -551,6 +589,9 @@ impl Reason {
     const FOREIGN_BYTES: u16 = 0x42 << 8;
     const TARGET_OUT_OF_RANGE: u16 = 0x43 << 8;
     const WRITE_FAILED: u16 = 0x44 << 8;
+    const TOO_MANY_TARGETS: u16 = 0x45 << 8;
+    const TOO_MANY_CHANGES: u16 = 0x46 << 8;
+    const NO_ROOM_FOR_STUB: u16 = 0x47 << 8;
 
     pub(crate) fn to_code(self) -> u16 {
         match self {
@@ -560,6 +601,9 @@ impl Reason {
             Reason::ForeignBytes => Self::FOREIGN_BYTES,
             Reason::TargetOutOfRange => Self::TARGET_OUT_OF_RANGE,
             Reason::WriteFailed { errno } => Self::WRITE_FAILED | errno.clamp(0, 255) as u16,
+            Reason::TooManyTargets => Self::TOO_MANY_TARGETS,
+            Reason::TooManyChanges => Self::TOO_MANY_CHANGES,
+            Reason::NoRoomForStub => Self::NO_ROOM_FOR_STUB,
         }
     }
 
@@ -570,6 +614,9 @@ impl Reason {
             Self::KEY_NOT_PROVEN => Reason::KeyNotProven,
             Self::FOREIGN_BYTES => Reason::ForeignBytes,
             Self::TARGET_OUT_OF_RANGE => Reason::TargetOutOfRange,
+            Self::TOO_MANY_TARGETS => Reason::TooManyTargets,
+            Self::TOO_MANY_CHANGES => Reason::TooManyChanges,
+            Self::NO_ROOM_FOR_STUB => Reason::NoRoomForStub,
             _ if code & 0xff00 == Self::WRITE_FAILED => Reason::WriteFailed {
                 errno: (code & 0xff) as i32,
             },
@@ -602,6 +649,9 @@ mod tests {
             Reason::WriteFailed {
                 errno: libc::ENOMEM,
             },
+            Reason::TooManyTargets,
+            Reason::TooManyChanges,
+            Reason::NoRoomForStub,
         ];
         for r in all {
             assert_ne!(r.to_code(), 0);

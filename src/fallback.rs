@@ -32,7 +32,13 @@ pub(crate) fn status() -> Status {
         registry_full: false,
         thunks: 0,
         thunk_error: None,
+        guards: false,
+        stubs: 0,
     }
+}
+
+pub(crate) fn run_time_sites() -> Vec<SiteInfo> {
+    Vec::new()
 }
 
 pub(crate) fn stats() -> Stats {

@@ -1297,14 +1297,22 @@ impl_signature!(
 );
 
 /// `key.call(args)`: calls a key that is only known at run time (a `&StaticCall` in a variable,
-/// in a heap object, picked from an array). There is no call site to patch here, since no site
-/// can prove which key it belongs to, so this is an atomic load of the current target and an
-/// indirect call: always the key's current target, at the cost of a function-pointer call.
+/// in a heap object, picked from an array). No site can prove which key it belongs to, so none
+/// is ever bound to one: where the build makes it a guarded run-time site (`guard.rs`), the site
+/// is patched to a guard stub that checks what the key holds on every call; otherwise it is an
+/// atomic load of the current target and an indirect call. `call_guarded` and `call_indirect`
+/// (in `guard.rs`) choose per call.
 macro_rules! impl_call {
     ($($A:ident $a:ident)*) => {
-        impl<R, $($A),*> StaticCall<extern "C" fn($($A),*) -> R, CAbi> {
-            /// Calls the key's current target through a plain indirect call, for a key known
-            /// only at run time; see [`static_call!`](crate::static_call) for named keys.
+        impl<R: RetVal, $($A: Arg),*> StaticCall<extern "C" fn($($A),*) -> R, CAbi> {
+            /// Calls the key's current target, for a key known only at run time; see
+            /// [`static_call!`](crate::static_call) for named keys.
+            ///
+            /// In a retpoline build (or with `STATIC_CALL_GUARDS=on` at build time) this is a
+            /// guarded run-time site, patched to a stub that checks what the key holds and jumps
+            /// straight there; otherwise a plain indirect call. [`status`](crate::status)`().guards`
+            /// says which; `call_guarded` and `call_indirect` choose per call. Either way every
+            /// call reaches the target the key holds when it is made.
             ///
             /// ```
             /// use static_call::StaticCall;
@@ -1315,24 +1323,35 @@ macro_rules! impl_call {
             /// let key = &KEYS[1];
             /// assert_eq!(key.call(-3), 3);
             /// ```
-            #[inline]
+            #[inline(always)]
             #[allow(clippy::too_many_arguments)]
             pub fn call(&self, $($a: $A),*) -> R {
-                (self.query())($($a),*)
+                crate::guard::default_call!(self, R; $($a),*)
             }
         }
 
-        impl<R, $($A),*> StaticCall<unsafe extern "C" fn($($A),*) -> R, CAbi> {
-            /// Calls the key's current target through a plain indirect call, for a key known
-            /// only at run time.
+        impl<R: RetVal, $($A: Arg),*> StaticCall<unsafe extern "C" fn($($A),*) -> R, CAbi> {
+            /// Calls the key's current target, for a key known only at run time: a guarded
+            /// run-time site or a plain indirect call, as for the safe form.
             ///
             /// # Safety
             /// Whatever the key's function type requires of its callers.
-            #[inline]
+            ///
+            /// ```
+            /// use static_call::StaticCall;
+            /// unsafe extern "C" fn read(p: *const u8) -> u8 { unsafe { *p } }
+            /// let key = StaticCall::new(read as unsafe extern "C" fn(*const u8) -> u8);
+            /// // SAFETY: a readable byte.
+            /// assert_eq!(unsafe { key.call(&7) }, 7);
+            /// ```
+            #[inline(always)]
             #[allow(clippy::too_many_arguments)]
             pub unsafe fn call(&self, $($a: $A),*) -> R {
+                // (Unused in builds where the call is a guarded site, which has its own.)
+                #[allow(unused_unsafe)]
                 // SAFETY: the caller upholds the target's contract.
-                unsafe { (self.query())($($a),*) }
+                let r = unsafe { crate::guard::default_call!(self, R; $($a),*) };
+                r
             }
         }
     };

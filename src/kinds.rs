@@ -9,6 +9,7 @@
 //! | `Call`: `static_call!(KEY)(..)` | `static_call_trampoline_v*` | `call <entry>` | `prove_site`: `lea r11, [rip + KEY]`, NOPs, `call <entry>` | `call f` (or its thunk) / NOP5 / RET0 |
 //! | `Tail`: `static_call_fn!` | `static_call_tail_trampoline_v*` | `jmp <entry>` | `prove_tail_site`: `lea r11, [rip + KEY]`, `lea r10, [rip + site]`, NOPs, `jmp <entry>`, `ret` | `jmp f` (or its thunk) / NOP5 / RET0, each followed by the `ret` |
 //! | `Branch`: `static_branch!(KEY)`, `has_target!(KEY)` | `static_call_branch_v*`, from the site's stub | `jmp <stub>` | `prove_branch`: `jmp <stub>`, the stub's exact template (`lea r11, [rip + KEY]`, `call <entry>`, `jcc LABEL`, `jmp site + 5`) | on: `jmp LABEL` / off: NOP5 (swapped for likely-true sites); on = `RawTarget::branch_on` |
+//! | `RunTime`: `key.call(..)`, `key.call_guarded(..)` | `static_call_run_time_trampoline_v*` | `call <entry>` | `prove_run_time_site`: `call <entry>`, and nothing about a key | not by target: `call <guard stub>` or the indirect call `call [r11]` (`guard.rs`) |
 //!
 //! A key can have sites of both kinds: `has_target!(HOOK)` is a branch site bound to a call key,
 //! on while the key has a target. When an update switches such a key's branches, it writes the
@@ -16,7 +17,12 @@
 //!
 //! The soundness rule, per kind: a site is only ever written once its own bytes prove which key
 //! it belongs to, *and* that it is of this kind: each kind reaches its own trampoline entry, and
-//! each proof requires that entry, so no kind's proof can accept another kind's site.
+//! each proof requires that entry, so no kind's proof can accept another kind's site. A run-time
+//! site proves no key (its r11 is computed outside its asm block, and LLVM may even merge two
+//! keys' `lea r11` in front of it, making bytes that look exactly like a call site): it is only
+//! ever written into code that reads the key's contents on every call (a guard stub, or the
+//! indirect call), which is correct for any key. So it is never *required*: no key change needs
+//! it rewritten, it is in no key's list, and `update` never touches it.
 
 use crate::arch::x86_64::{
     self as arch, Insn, PROLOGUE, STUB_LEN, SiteInsn, SiteWord, TAIL_CODE, TAIL_PROLOGUE, WORD,
@@ -37,6 +43,8 @@ pub(crate) enum Kind {
     Tail = 1,
     /// A branch site: `static_branch!(KEY)`, `static_branch_likely!(KEY)`, `has_target!(KEY)`.
     Branch = 2,
+    /// A run-time site: `key.call(args)` for a key known only at run time (`guard.rs`).
+    RunTime = 3,
 }
 
 impl Kind {
@@ -47,6 +55,7 @@ impl Kind {
             0 => Kind::Call,
             1 => Kind::Tail,
             2 => Kind::Branch,
+            3 => Kind::RunTime,
             _ => unreachable!("slot kind {n}"),
         }
     }
@@ -71,17 +80,35 @@ pub(crate) fn home(rt: &Runtime, kind: Kind, site: usize, aux: [u64; 2]) -> Insn
         Kind::Call => SiteInsn::Call(rt.trampoline),
         Kind::Tail => SiteInsn::Jmp(rt.tail_trampoline),
         Kind::Branch => SiteInsn::Jmp((aux[0] & !LIKELY_TRUE) as usize),
+        Kind::RunTime => SiteInsn::Call(rt.run_time_trampoline),
     };
     arch::encode(site, what).expect("a site's home within rel32 of it")
 }
 
-/// Checks that `site` is a site of `kind` in our own code, bound to `key`, and still as
-/// compiled.
-pub(crate) fn prove(rt: &Runtime, kind: Kind, site: usize, key: &RawKey) -> Result<Proof, Reason> {
-    match kind {
-        Kind::Call => prove_call(rt, site, key),
-        Kind::Tail => prove_tail(rt, site, key),
-        Kind::Branch => prove_branch(rt, site, key),
+/// Whether a site of `kind` holding `insn` (`home` is its home) is *required*: its bytes do not
+/// follow its key by themselves (a direct call, a NOP, `xor eax, eax`, a branch's `jmp LABEL`), so
+/// it must be rewritten when its key changes, and an all-or-nothing operation must fail if it
+/// cannot be. A site at home reaches its entry, which reads the key; a run-time site never is
+/// (every form it takes reads the key's contents on every call: the trampoline, a guard stub,
+/// `call [r11]`).
+pub(crate) fn required(kind: Kind, insn: Insn, home: Insn) -> bool {
+    kind != Kind::RunTime && insn != home
+}
+
+/// Checks that `site` is a site of `kind` in our own code, bound to `key` (a static key: call,
+/// tail and branch sites have one, run-time sites none), and still as compiled.
+pub(crate) fn prove(
+    rt: &Runtime,
+    kind: Kind,
+    site: usize,
+    key: Option<&RawKey>,
+) -> Result<Proof, Reason> {
+    match (kind, key) {
+        (Kind::Call, Some(key)) => prove_call(rt, site, key),
+        (Kind::Tail, Some(key)) => prove_tail(rt, site, key),
+        (Kind::Branch, Some(key)) => prove_branch(rt, site, key),
+        (Kind::RunTime, _) => prove_run_time(rt, site),
+        (_, None) => Err(Reason::KeyNotProven),
     }
 }
 
@@ -92,12 +119,13 @@ pub(crate) fn prove(rt: &Runtime, kind: Kind, site: usize, key: &RawKey) -> Resu
 /// A key whose branch sites switch on (a hook given a target) writes its calls first and its
 /// branches second; one whose branches switch off writes its branches first and its calls
 /// second. So at every moment, a branch that is on guards a call that calls the target (never
-/// the NOP of a hook without one). Any other change is one phase.
+/// the NOP of a hook without one). Any other change is one phase. (Run-time sites are in no
+/// key's list: an update never writes them.)
 pub(crate) fn phase(kind: Kind, from: RawTarget, to: RawTarget) -> usize {
     let enabling = !from.branch_on() && to.branch_on();
     let disabling = from.branch_on() && !to.branch_on();
     match kind {
-        Kind::Call | Kind::Tail => usize::from(disabling),
+        Kind::Call | Kind::Tail | Kind::RunTime => usize::from(disabling),
         Kind::Branch => usize::from(enabling),
     }
 }
@@ -135,6 +163,8 @@ pub(crate) fn wants(
             };
             (what, SiteInsn::Jmp)
         }
+        // A run-time site has no key of its own: `guard::wants` decides what it holds.
+        (Kind::RunTime, _) => return (home(rt, kind, site, aux), Some(Reason::NotASite)),
     };
     let via_thunk = || match (kind, target) {
         (Kind::Call | Kind::Tail, RawTarget::Call(f)) => {
@@ -167,6 +197,28 @@ fn prove_tail(rt: &Runtime, site: usize, key: &RawKey) -> Result<Proof, Reason> 
         arch::INSN_LEN + 1,
         |code, start| arch::prove_tail_site(code, start, rt.tail_trampoline as u64),
     )
+}
+
+/// The proof for a run-time site: its five bytes, read from our own code, are `call <run-time
+/// entry>`, inside one aligned quadword. There is no key to prove (see the module's table).
+fn prove_run_time(rt: &Runtime, site: usize) -> Result<Proof, Reason> {
+    let object = rt
+        .object
+        .as_ref()
+        .ok_or(Reason::Disabled(Disabled::ObjectNotFound))?;
+    let at = SiteWord::of(site).ok_or(Reason::NotASite)?;
+    object
+        .exec_segment(at.addr, at.addr + WORD)
+        .ok_or(Reason::NotASite)?;
+    // SAFETY: the quadword lies in one of our executable segments, which stay mapped (our own
+    // object is pinned), and `at.addr` is 8-aligned.
+    let word = unsafe { linux::read_word(at.addr) };
+    arch::prove_run_time_site(&at.insn(word), site as u64, rt.run_time_trampoline as u64)?;
+    Ok(Proof {
+        at,
+        word,
+        aux: [0; 2],
+    })
 }
 
 /// Reads `before` bytes before `site` and `after` from it, all inside our own code, checks that

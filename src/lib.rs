@@ -70,6 +70,27 @@
 //! ON_STEP.update(show); // calls first, then branches: no hook branch ever meets a NOP
 //! ```
 //!
+//! # Keys chosen at run time
+//!
+//! A key known only at run time (a `&StaticCall` in a variable, on the heap) is called with
+//! [`StaticCall::call`]: in retpoline builds (or with `STATIC_CALL_GUARDS=on` at build time) a
+//! *run-time site*, which is never bound to a key but patched to a guard stub that checks what
+//! the key holds on every call and jumps straight there; otherwise a plain indirect call.
+//! [`StaticCall::call_guarded`] and [`StaticCall::call_indirect`] choose per call, and
+//! [`run_time_sites`] shows what each run-time site has become.
+//!
+//! ```
+//! use static_call::StaticCall;
+//!
+//! extern "C" fn read_disk(block: u64) -> u64 { block * 2 }
+//! extern "C" fn read_ram(block: u64) -> u64 { block }
+//!
+//! struct Dev { read: StaticCall<extern "C" fn(u64) -> u64> }
+//! let devs = [Dev { read: StaticCall::new(read_disk) }, Dev { read: StaticCall::new(read_ram) }];
+//! let total: u64 = devs.iter().map(|d| d.read.call_guarded(10)).sum();
+//! assert_eq!(total, 30);
+//! ```
+//!
 //! # Platforms
 //!
 //! Patching happens on x86-64 Linux (kernel 4.16 or later, for `membarrier` sync-core). Every
@@ -102,6 +123,7 @@
 mod adapter;
 mod branch;
 mod diagnostics;
+mod guard;
 mod key;
 mod macros;
 mod rust_key;
@@ -118,6 +140,8 @@ mod os {
     pub(crate) mod faults;
     pub(crate) mod linux;
 }
+#[cfg(static_call_patching)]
+mod code_pool;
 #[cfg(static_call_patching)]
 mod kinds;
 #[cfg(static_call_patching)]
@@ -214,6 +238,32 @@ pub fn init() {
 /// ```
 pub fn unpatch_all() -> Result<(), Error> {
     imp::unpatch_all()
+}
+
+/// Every run-time site that has run (a `key.call(..)` in a build where it is guarded, or a
+/// `key.call_guarded(..)`), with its state: waiting on the trampoline, monomorphic (a guard stub
+/// for one target), polymorphic (a chain of them) or megamorphic (an indirect call), and why.
+///
+/// Run-time sites belong to no key (any key may reach them), so no key's
+/// [`sites`](StaticCall::sites) lists them. Takes the patch lock and scans the site registry: a
+/// diagnostic, not a fast path. Empty in the portable fallback.
+///
+/// ```
+/// use static_call::{SiteState, StaticCall};
+/// extern "C" fn one() -> u32 { 1 }
+///
+/// let key = Box::new(StaticCall::new(one as extern "C" fn() -> u32));
+/// assert_eq!(key.call_guarded(), 1);
+/// static_call::flush();
+/// for site in static_call::run_time_sites() {
+///     match site.state {
+///         SiteState::Monomorphic { target } => println!("{:#x} guards {target:#x}", site.address),
+///         other => println!("{:#x}: {other:?}", site.address),
+///     }
+/// }
+/// ```
+pub fn run_time_sites() -> Vec<SiteInfo> {
+    imp::run_time_sites()
 }
 
 /// Whether patching is on, why not if it is off, and the state of the worker and the registry.
@@ -322,6 +372,33 @@ pub mod __private {
     /// Bytes before a tail site's `jmp` that `prove_tail_site` reads.
     #[cfg(static_call_patching)]
     pub const TAIL_PROLOGUE: usize = crate::arch::x86_64::TAIL_PROLOGUE;
+
+    /// The run-time-site verifier, for property tests: see `arch::x86_64::prove_run_time_site`.
+    #[cfg(static_call_patching)]
+    pub fn prove_run_time_site(code: &[u8], start: u64, entry: u64) -> Result<(), crate::Reason> {
+        crate::arch::x86_64::prove_run_time_site(code, start, entry)
+    }
+    /// The code pool: the reserve in our text and the most pages mapped after it.
+    #[cfg(static_call_patching)]
+    pub use crate::code_pool::{MAX_MAPPED_PAGES, POOL_BYTES};
+    /// The megamorphic stub (retpoline builds), and the retpoline thunk for r10.
+    #[cfg(static_call_patching)]
+    pub use crate::code_pool::{megamorphic, retpoline_r10};
+    /// The entry of run-time sites (and of guard stubs' misses).
+    #[cfg(static_call_patching)]
+    pub use crate::trampoline::run_time_trampoline;
+    /// The reserve's address range.
+    #[cfg(static_call_patching)]
+    pub fn code_pool_reserve() -> (usize, usize) {
+        let r = crate::code_pool::reserve();
+        (r.start, r.end)
+    }
+    /// Guard stubs' limits: entries per stub, misses before a site goes back to the patcher,
+    /// changes in a row.
+    #[cfg(static_call_patching)]
+    pub use crate::guard::patching::{MAX_CHANGES, MAX_ENTRIES, MISSES_TO_REQUEUE};
+    /// Whether this build is a retpoline build (`build.rs`).
+    pub const RETPOLINE: bool = cfg!(static_call_retpoline);
 
     /// Fault injection into the code writer, for this crate's own tests (see `os/faults.rs`).
     #[cfg(all(static_call_patching, feature = "fault-injection"))]

@@ -794,8 +794,10 @@ macro_rules! __adapter_of {
 ///
 /// Each form names its key in the site's own bytes (a `sym` operand, plus the field's offset),
 /// which is what lets the patcher prove the binding. A key known only at run time (a
-/// `&StaticCall` in a variable) cannot be named here; call it with `key.call(args)` (an atomic
-/// load and an indirect call) instead.
+/// `&StaticCall` in a variable) cannot be named here; call it with `key.call(args)` instead: a
+/// plain indirect call, or in retpoline builds a *run-time site* patched to a guard stub that
+/// checks what the key holds ([`StaticCall::call_guarded`](crate::StaticCall::call_guarded)
+/// chooses that form in any build).
 ///
 /// ```
 /// use static_call::{StaticCall, StaticCallKey, define_static_call, static_call};

@@ -19,7 +19,9 @@
 //! the site. A LIVE site is *required* when `ours` is not home: it calls
 //! a target directly (or is a NOP, or `xor eax, eax`), so it does not follow its key by itself
 //! and must be rewritten when the key changes. A site at home reaches the trampoline, which is
-//! correct whatever its key holds.
+//! correct whatever its key holds. A run-time site (`guard.rs`) is never required: each of its
+//! forms (home, `call <guard stub>`, the indirect call) reads its key's contents on every call,
+//! so it is in no key's list and no `update` needs it; its "key" in the table below is none.
 //!
 //! # Transitions
 //!
@@ -30,14 +32,15 @@
 //! |---|---|---|---|---|
 //! | UNSETTLED | patching is off | BLOCKED(Disabled) | — | `settle_one` |
 //! | UNSETTLED | the bytes do not prove the key and the kind | BLOCKED(NotASite, KeyNotProven or ForeignBytes) | — | `settle_one` |
-//! | UNSETTLED | proven | LIVE(home), linked to its key; then planned as below | — | `settle_one` |
+//! | UNSETTLED | proven | LIVE(home), linked to its key (a run-time site: to none); then planned as below | — | `settle_one` |
+//! | LIVE(x), a run-time site, queued (its first call, or `MISSES_TO_REQUEUE` misses of its stub) | `guard::plan` | planned for `want` = x, a guard stub (made and synced first), or the megamorphic form (why) | — | `plan_live` |
 //! | LIVE(x) | planned for `want` = x | LIVE(x, new reason) | — | `plan_site` |
 //! | LIVE(x) | planned; foreign bytes, not required | LIVE(x): correct whatever the key holds, and once the bytes are back | — | `plan_site` |
 //! | LIVE(x) | planned; foreign bytes, required | LIVE(x); an all-or-nothing operation fails before anything changed | — | `plan_site` |
 //! | LIVE(x) | planned; not required, patching off | LIVE(x, Disabled) | — | `plan_site` |
 //! | LIVE(x) | written | LIVE(want) | x → want | `record` |
 //! | LIVE(x) | page refused (EACCES...) | LIVE(x, Disabled(WriteRefused)); patching off | — | `record` |
-//! | LIVE(x) | page refused with ENOMEM, which may pass | LIVE(x, WriteFailed); retried later by the worker | — | `record` |
+//! | LIVE(x) | page refused with ENOMEM, which may pass | LIVE(x, WriteFailed); retried later by the worker (a run-time site stops counting misses meanwhile) | — | `record` |
 //! | LIVE(x) | compare-exchange lost: someone else wrote meanwhile | LIVE(x) | — | `record` |
 //! | LIVE(want) | undone (an all-or-nothing operation failed) | LIVE(x) | want → x | `roll_back` |
 //! | LIVE(want) | undo lost, or its page refused | LIVE(want) (the truth: `want` is under the foreign bytes) | — | `roll_back` |
@@ -46,7 +49,8 @@
 //!
 //! - **Settling new sites** (the worker, `flush`): site by site; a failure is recorded in the
 //!   site's record and nothing is undone (every site planned here is at home, which is correct
-//!   whatever happens).
+//!   whatever happens, or a run-time site, which is correct in every form). Near thunks and
+//!   guard stubs the plan calls are written, and the cores synced, before the plan.
 //! - **`update` and `Batch`**: all or nothing over required sites. Planning fails, before
 //!   anything changed, if a required site holds foreign bytes. If there is a required write,
 //!   one core sync runs before anything is published, so that a failing `membarrier` is found
@@ -74,17 +78,20 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::Ordering;
 
 use crate::arch::x86_64::{self as arch, Insn, SiteWord};
+use crate::code_pool::{self, Pool};
 use crate::diagnostics::{
     Disabled, Error, ErrorKind, Reason, SiteInfo, SiteState, Status, WorkerStatus,
 };
+use crate::guard::{self, Stubs};
 use crate::key::{RawKey, RawTarget};
 use crate::kinds::{self, Kind};
 use crate::os::faults::{self, Point};
 use crate::os::linux::{self, Write, WriteError};
-use crate::registry::{QUEUED, RETRY, SETTLED, Slot};
+use crate::registry::{CLAIMING, QUEUED, RETRY, SETTLED, Slot};
 use crate::runtime::{self, Runtime};
 use crate::thunks::{self, Thunks};
 use crate::worker;
+use std::sync::MutexGuard;
 
 /// Most sites settled in one batch (one core sync each).
 const BATCH: usize = 1024;
@@ -228,6 +235,70 @@ fn wants(rt: &Runtime, slot: &Slot, target: RawTarget, thunks: &Thunks) -> (Insn
     kinds::wants(rt, kind(slot), site, aux(slot), target, thunks)
 }
 
+/// The code the patcher writes besides sites (the code pool, and the near thunks and guard
+/// stubs in it), for the holder of the patch lock.
+struct Made {
+    pool: MutexGuard<'static, Pool>,
+    thunks: MutexGuard<'static, Thunks>,
+    stubs: MutexGuard<'static, Stubs>,
+}
+
+fn made(locked: &Locked) -> Made {
+    Made {
+        pool: code_pool::lock(locked),
+        thunks: thunks::lock(locked),
+        stubs: guard::lock(locked),
+    }
+}
+
+/// Makes, before `slots` are planned, the thunks and guard stubs their plans will call: thunks
+/// for the far targets of their keys (call and tail sites) and of the stubs that run-time sites
+/// want, then those stubs. Each is its own batch, synced before the plan is written. Returns
+/// what the guard policy decided for each run-time site (`None` for the others), decided once
+/// here, so that a miss noted meanwhile cannot make the plan ask for a stub no one made.
+fn prepare(
+    rt: &Runtime,
+    slots: &[(u32, &Slot)],
+    made: &mut Made,
+    now_ms: u64,
+) -> Vec<Option<guard::Next>> {
+    let mut targets = Vec::new();
+    let decisions: Vec<Option<guard::Next>> = slots
+        .iter()
+        .map(|(_, slot)| match slot.static_key() {
+            Some(key) => {
+                targets.push(key.target());
+                None
+            }
+            None => {
+                let info = Info::load(slot);
+                let current = if info.status == LIVE {
+                    info.insn
+                } else {
+                    home(rt, slot)
+                };
+                Some(guard::decide(rt, slot, current, &made.stubs, now_ms))
+            }
+        })
+        .collect();
+    if runtime::mode().is_ok() {
+        let sets: Vec<Vec<usize>> = decisions
+            .iter()
+            .flatten()
+            .filter_map(guard::wanted_stub)
+            .collect();
+        let far = sets.iter().flatten().copied();
+        let Made {
+            pool,
+            thunks,
+            stubs,
+        } = made;
+        thunks.make_for(rt, pool, called(targets).chain(far));
+        stubs.make_for(rt, pool, thunks, sets);
+    }
+    decisions
+}
+
 /// The functions that `targets` call (NULL and return-zero targets need no thunk).
 fn called(targets: impl IntoIterator<Item = RawTarget>) -> impl Iterator<Item = usize> {
     targets.into_iter().filter_map(|t| match t {
@@ -320,20 +391,15 @@ fn settle(rt: &Runtime, batch: &[u32], locked: &Locked) {
     let mut settled = Vec::with_capacity(batch.len());
     // Acquire pairs with the slow path's Release store of QUEUED: `key` is visible.
     let queued = |&index: &u32| rt.registry.slot(index).state.load(Ordering::Acquire) == QUEUED;
-    let mut thunks = thunks::lock(locked);
-    if runtime::mode().is_ok() {
-        let targets = batch.iter().filter(|i| queued(i));
-        thunks.make_for(
-            rt,
-            called(targets.map(|&i| rt.registry.slot(i).key().target())),
-        );
-    }
-    for &index in batch {
-        if !queued(&index) {
-            continue;
-        }
-        let slot = rt.registry.slot(index);
-        settle_one(rt, slot, index, &mut plan, &thunks, locked);
+    let slots: Vec<(u32, &Slot)> = batch
+        .iter()
+        .filter(|i| queued(i))
+        .map(|&i| (i, rt.registry.slot(i)))
+        .collect();
+    let mut made = made(locked);
+    let decisions = prepare(rt, &slots, &mut made, guard::now_ms());
+    for (&(index, slot), decision) in slots.iter().zip(decisions) {
+        settle_one(rt, slot, index, &mut plan, &made, decision, locked);
         settled.push(slot);
     }
     // Every site planned here is on the trampoline, correct whatever happens: a failure only
@@ -352,29 +418,59 @@ fn settle_one(
     slot: &Slot,
     index: u32,
     plan: &mut Vec<Planned>,
-    thunks: &Thunks,
+    made: &Made,
+    decision: Option<guard::Next>,
     locked: &Locked,
 ) {
-    let key = slot.key();
+    let key = slot.static_key();
     let site = slot.site.load(Ordering::Relaxed);
     if Info::load(slot).status != LIVE {
-        if let Err(why) = runtime::mode() {
-            return Info::blocked(Reason::Disabled(why)).store(slot);
-        }
-        let proof = match kinds::prove(rt, kind(slot), site, key) {
+        let proof = runtime::mode()
+            .map_err(Reason::Disabled)
+            .and_then(|()| kinds::prove(rt, kind(slot), site, key));
+        let proof = match proof {
             Ok(proof) => proof,
-            Err(reason) => return Info::blocked(reason).store(slot),
+            Err(reason) => {
+                // Never written: a run-time site must not come back on every few misses.
+                guard::settle_misses(slot, true);
+                return Info::blocked(reason).store(slot);
+            }
         };
         for (kept, value) in slot.aux.iter().zip(proof.aux) {
             kept.store(value, Ordering::Relaxed);
         }
-        link(rt, key, index, locked);
+        if let Some(key) = key {
+            link(rt, key, index, locked);
+        }
         Info::live(proof.at.insn(proof.word), None).store(slot);
     }
-    let (want, reason) = wants(rt, slot, key.target(), thunks);
-    // A site planned here is on the trampoline (new, or queued again), so never required: an
-    // error (foreign bytes on a required site) cannot happen, and would leave it as it is.
-    let _ = plan_site(rt, index, slot, want, reason, plan);
+    // A site planned here is on the trampoline (new, or queued again) or a run-time site, so
+    // never required: an error (foreign bytes on a required site) cannot happen, and would leave
+    // it as it is.
+    let _ = plan_live(rt, index, slot, plan, made, decision);
+}
+
+/// Plans the LIVE site in `slot` for what it should hold now: its key's target (call and tail
+/// sites), or what the guard policy decided in `prepare` (run-time sites), once `prepare` made
+/// the code it calls.
+fn plan_live(
+    rt: &Runtime,
+    index: u32,
+    slot: &Slot,
+    plan: &mut Vec<Planned>,
+    made: &Made,
+    decision: Option<guard::Next>,
+) -> Result<(), usize> {
+    let (want, reason) = match (slot.static_key(), decision) {
+        (Some(key), _) => wants(rt, slot, key.target(), &made.thunks),
+        (None, Some(next)) => {
+            let info = Info::load(slot);
+            let p = guard::plan(rt, slot, info.insn, info.reason(), next, &made.stubs);
+            (p.want, p.reason)
+        }
+        (None, None) => return Ok(()),
+    };
+    plan_site(rt, index, slot, want, reason, plan)
 }
 
 /// Plans turning the LIVE site in `slot` into `want` (`reason`: why that is the trampoline, if
@@ -395,7 +491,7 @@ fn plan_site(
         Info::live(want, reason).store(slot);
         return Ok(());
     }
-    let required = info.insn != home(rt, slot);
+    let required = kinds::required(kind(slot), info.insn, home(rt, slot));
     let (at, word) = bytes_at(site);
     if at.insn(word) != info.insn {
         return if required { Err(site) } else { Ok(()) };
@@ -450,6 +546,10 @@ fn record(rt: &Runtime, p: &Planned, result: Result<(), WriteError>) {
         // Nothing was written. Only a site on the trampoline says why: it is where it stays.
         Err(WriteError::Protect(errno)) if !p.required => {
             p.before.with_reason(refused(errno)).store(slot);
+            // A run-time site waits for the worker's retry (or for good), not for its misses.
+            if kind(slot) == Kind::RunTime {
+                guard::settle_misses(slot, true);
+            }
             if transient(errno) {
                 worker::schedule_retry();
             }
@@ -494,12 +594,11 @@ fn retry_failed_writes(rt: &Runtime, locked: &Locked) {
     let waiting: Vec<(u32, &Slot)> = live_sites(rt, locked)
         .filter(|(_, s)| matches!(Info::load(s).reason(), Some(Reason::WriteFailed { .. })))
         .collect();
-    let mut thunks = thunks::lock(locked);
-    thunks.make_for(rt, called(waiting.iter().map(|(_, s)| s.key().target())));
+    let mut made = made(locked);
+    let decisions = prepare(rt, &waiting, &mut made, guard::now_ms());
     let mut plan = Vec::new();
-    for &(index, slot) in &waiting {
-        let (want, reason) = wants(rt, slot, slot.key().target(), &thunks);
-        let _ = plan_site(rt, index, slot, want, reason, &mut plan);
+    for (&(index, slot), decision) in waiting.iter().zip(decisions) {
+        let _ = plan_live(rt, index, slot, &mut plan, &made, decision);
     }
     match write(rt, &mut plan) {
         Ok(()) => worker::retry_succeeded(),
@@ -532,15 +631,16 @@ pub(crate) fn update(changes: &[(&RawKey, RawTarget)]) -> Result<(), Error> {
         // Nobody else will patch what is queued: do the worker's job first.
         drain_locked(rt, &locked);
     }
-    let mut thunks = thunks::lock(&locked);
+    let mut made = made(&locked);
     if runtime::mode().is_ok() {
-        thunks.make_for(rt, called(changes.iter().map(|&(_, target)| target)));
+        let Made { pool, thunks, .. } = &mut made;
+        thunks.make_for(rt, pool, called(changes.iter().map(|&(_, target)| target)));
     }
     let old: Vec<RawTarget> = changes.iter().map(|(key, _)| key.target()).collect();
     let mut plans: [Vec<Planned>; PHASES] = Default::default();
     for (&(key, target), &from) in changes.iter().zip(&old) {
         for (index, slot) in list(rt, key, &locked) {
-            let (want, reason) = wants(rt, slot, target, &thunks);
+            let (want, reason) = wants(rt, slot, target, &made.thunks);
             let plan = &mut plans[kinds::phase(kind(slot), from, target)];
             plan_site(rt, index, slot, want, reason, plan).map_err(|site| Error {
                 site: Some(site),
@@ -570,7 +670,18 @@ pub(crate) fn update(changes: &[(&RawKey, RawTarget)]) -> Result<(), Error> {
             }
         }
     };
-    commit(rt, &mut plans, publish)
+    let result = commit(rt, &mut plans, publish);
+    if result.is_ok() {
+        // Run-time sites are not rewritten (their stubs compare the key's contents, so they
+        // miss now and get the new targets' stubs later); the old targets are noted, so that a
+        // site's next stub leaves them out (a heuristic only).
+        let gone = changes
+            .iter()
+            .zip(&old)
+            .filter(|&(&(_, new), old)| new.func() != old.func());
+        made.stubs.retire(gone.map(|(_, old)| old.func() as usize));
+    }
+    result
 }
 
 /// Phases of an update (`kinds::phase`).
@@ -820,9 +931,41 @@ pub(crate) fn sites(key: &RawKey) -> Vec<SiteInfo> {
     let me = key as *const RawKey as *mut RawKey;
     rt.registry
         .claimed()
-        .filter(|(_, s)| s.key.load(Ordering::Relaxed) == me)
+        .filter(|(_, s)| s.key.load(Ordering::Relaxed) == me && kind(s) != Kind::RunTime)
         .map(|(_, s)| site_info(rt, s, key, &thunks))
         .collect()
+}
+
+/// Every run-time site registered so far, for [`crate::run_time_sites`].
+pub(crate) fn run_time_sites() -> Vec<SiteInfo> {
+    let locked = lock();
+    let Some(rt) = runtime::get() else {
+        return Vec::new();
+    };
+    let stubs = guard::lock(&locked);
+    rt.registry
+        .claimed()
+        .filter(|(_, s)| kind(s) == Kind::RunTime && s.state.load(Ordering::Acquire) != CLAIMING)
+        .map(|(_, s)| run_time_info(rt, s, &stubs))
+        .collect()
+}
+
+/// A run-time site as `run_time_sites()` reports it, from its record and the bytes there now.
+fn run_time_info(rt: &Runtime, slot: &Slot, stubs: &Stubs) -> SiteInfo {
+    let address = slot.site.load(Ordering::Relaxed);
+    let bytes = read_site(rt, address);
+    let info = Info::load(slot);
+    let state = match info.status {
+        LIVE if bytes != Some(info.insn) => SiteState::Foreign,
+        LIVE => guard::state(rt, address, info.insn, info.reason(), stubs),
+        BLOCKED => SiteState::Trampoline(info.reason().unwrap_or(Reason::NotASite)),
+        _ => SiteState::Pending,
+    };
+    SiteInfo {
+        address,
+        state,
+        bytes,
+    }
 }
 
 /// A site as `sites()` reports it, from its record, its key and the bytes there now.
@@ -888,6 +1031,8 @@ pub(crate) fn status() -> Status {
         registry_full: runtime::REGISTRY_FULL.load(Ordering::Relaxed),
         thunks,
         thunk_error,
+        guards: guard::GUARDS,
+        stubs: guard::made(),
     }
 }
 

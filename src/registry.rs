@@ -12,7 +12,13 @@
 //! - `site`: `0 → call address` once, by the thread whose compare-exchange claims the slot.
 //!   Never changes again (except in a forked child's reset, where no other thread exists).
 //! - `key`, `kind`: by the claimer, before it publishes the slot with a `Release` store of
-//!   `state`.
+//!   `state`. For a run-time site (`Kind::RunTime`), `key` is only the address of the key its
+//!   first call had, which may since have been freed: it is never dereferenced
+//!   ([`Slot::static_key`] returns `None` for such a site).
+//! - `seen` (run-time sites only): the target the key held at the site's latest visit to the
+//!   slow path (its first call, or a miss of its guard stub), and how many visits since the
+//!   patcher last looked. Written lock-free by the slow path (one compare-exchange, which fails
+//!   harmlessly when it races) and by the patcher under the lock; see `guard.rs`.
 //! - `state`: by the slow path and the patcher, following this machine:
 //!
 //!   ```text
@@ -20,7 +26,11 @@
 //!       |                  ^
 //!       +--queue full--> RETRY   (a later call of the site queues it again)
 //!   CLAIMING --patching off--> SETTLED   (the claimer writes `info` first)
+//!   SETTLED --enough misses of a run-time site's guard stub--> QUEUED (or RETRY)
 //!   ```
+//!   The last row is the only way back from SETTLED: the slow path moves a run-time site whose
+//!   stub keeps missing back to QUEUED with one compare-exchange (`Release`, publishing `seen`),
+//!   so that the patcher gives it a new stub (`guard.rs`).
 //! - `next`, `info`, `aux`: only under the patch lock (`patcher.rs`), except that the claimer of
 //!   a brand-new slot may write `info` before its `Release` store of `SETTLED`: nobody else looks
 //!   at a slot's `info` until they have seen `SETTLED` with `Acquire`.
@@ -49,7 +59,7 @@ pub(crate) const DEFAULT_CAPACITY: usize = 1 << 14;
 /// A lookup gives up after this many occupied slots: the table is too full to be worth it.
 const MAX_PROBES: usize = 256;
 
-/// One registered site. 64 bytes.
+/// One registered site. 64 bytes (asserted below).
 #[repr(C, align(64))]
 pub(crate) struct Slot {
     /// Address of the site's five rewritable bytes (its `call`, or its `jmp`); 0 while the slot
@@ -67,15 +77,26 @@ pub(crate) struct Slot {
     pub kind: AtomicU32,
     /// (patch lock) What the patcher keeps about a site of this kind (see `kinds.rs`).
     pub aux: [AtomicU64; 2],
+    /// Run-time sites only: the target last seen and the misses since (see `guard::Seen`).
+    pub seen: AtomicU64,
 }
 
 impl Slot {
-    pub fn key(&self) -> &'static RawKey {
-        // SAFETY: `key` is set from a `&'static RawKey` (every key is a static or lives in one)
-        // before the slot leaves CLAIMING, and callers only look at slots past CLAIMING.
-        unsafe { &*self.key.load(Ordering::Relaxed) }
+    /// The key a site of a kind whose bytes bind a static key belongs to; `None` for a run-time
+    /// site, whose key may be freed by now and must never be dereferenced.
+    pub fn static_key(&self) -> Option<&'static RawKey> {
+        if self.kind.load(Ordering::Relaxed) == crate::kinds::Kind::RunTime as u32 {
+            return None;
+        }
+        // SAFETY: for call and tail sites `key` is set from a `&'static RawKey` (their bytes bind
+        // a static, or a field of one) before the slot leaves CLAIMING, and callers only look at
+        // slots past CLAIMING.
+        Some(unsafe { &*self.key.load(Ordering::Relaxed) })
     }
 }
+
+#[cfg(not(all(test, loom)))]
+const _: () = assert!(size_of::<Slot>() == 64, "one slot per cache line");
 
 /// The outcome of [`Registry::find_or_claim`].
 pub(crate) enum Lookup<'a> {
@@ -209,6 +230,7 @@ fn free_slots(capacity: usize) -> &'static [Slot] {
             info: AtomicU64::new(0),
             kind: AtomicU32::new(0),
             aux: [AtomicU64::new(0), AtomicU64::new(0)],
+            seen: AtomicU64::new(0),
         })
         .collect::<Vec<_>>()
         .leak()

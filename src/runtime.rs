@@ -35,9 +35,10 @@ pub(crate) struct Runtime {
     /// Our own object, if it was found (patching is off otherwise).
     pub object: Option<Object>,
     pub page: usize,
-    /// The trampoline's entry for call sites, and for tail sites.
+    /// The trampoline's entry for call sites, for tail sites, and for run-time sites.
     pub trampoline: usize,
     pub tail_trampoline: usize,
+    pub run_time_trampoline: usize,
 }
 
 static RUNTIME: OnceBox<Runtime> = OnceBox::new();
@@ -174,6 +175,7 @@ fn build() -> Runtime {
         page,
         trampoline,
         tail_trampoline: trampoline::tail_address(),
+        run_time_trampoline: trampoline::run_time_address(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Near thunks for far targets. A site's `call rel32` reaches ±2 GiB; a target beyond that (a
-//! function in another shared library, JIT code) gets a thunk in a page mapped near our object,
-//! and the site calls the thunk, which jumps to the target (`arch::thunk`).
+//! function in another shared library, JIT code) gets a thunk in the code pool (`code_pool.rs`:
+//! a reserve in our own text, with CFI, then pages mapped near our code), and the site calls the
+//! thunk, which jumps to the target (`arch::thunk`: through the retpoline in a retpoline build).
 //!
 //! The rule, in three lines:
 //! 1. A thunk is written once, into a slot no site has ever called, and never changes after.
@@ -8,35 +9,29 @@
 //! 3. Retargeting never touches a thunk: the *site* is rewritten (to the target, to another
 //!    thunk, or to the trampoline), like any other patch, all or nothing.
 //!
-//! Thunk pages are mapped near our object's code, read-execute and filled with `int3`
-//! (`linux::map_code_near`); thunks are written into them by the code writer, in an rwx window
-//! with a core sync, like sites. They are never freed: one thunk per distinct far target, at
-//! most `MAX_PAGES` pages. When no thunk can be made (the pages are used up, or new code is
-//! refused), the site stays on the trampoline with `Reason::TargetOutOfRange`, and
-//! [`Status::thunk_error`](crate::Status::thunk_error) says why.
+//! Thunks are written by the code writer, in an rwx window with a core sync, like sites. They
+//! are never freed: one thunk per distinct far target. When no thunk can be made (the pool is
+//! used up, or new code is refused), the site stays on the trampoline with
+//! `Reason::TargetOutOfRange`, and [`Status::thunk_error`](crate::Status::thunk_error) says why.
+//! Guard stubs (`guard.rs`) reach far targets through these same thunks.
 
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::arch::x86_64::{self as arch, THUNK_LEN, WORD};
-use crate::os::linux::{self, Segment, Write, WriteError};
+use crate::code_pool::{self, Pool};
+use crate::os::linux::{self, Write, WriteError};
 use crate::patcher::Locked;
 use crate::runtime::Runtime;
 
-/// Most pages mapped for thunks: 16 pages of 4 KiB hold 4,096 far targets.
-const MAX_PAGES: usize = 16;
 /// What an unwritten slot holds: `int3` in every byte.
-const EMPTY: u64 = u64::from_ne_bytes([0xcc; WORD]);
+pub(crate) const EMPTY: u64 = u64::from_ne_bytes([0xcc; WORD]);
 
-/// The thunks made so far, and the pages that hold them.
+/// The thunks made so far.
 pub(crate) struct Thunks {
     /// `(target, thunk)`, sorted by target.
     made: Vec<(usize, usize)>,
-    /// The thunk pages, in the order they were mapped; slots fill them in that order.
-    pages: Vec<Segment>,
-    /// Slots used so far (written, or spoiled by a failed write).
-    used: usize,
-    /// Why the last attempt to make thunks failed: an errno, or 0 when `MAX_PAGES` are used.
+    /// Why the last attempt to make thunks failed: an errno, or 0 when the pool is used up.
     error: Option<i32>,
 }
 
@@ -64,43 +59,62 @@ pub(crate) fn summary() -> (usize, Option<i32>) {
     (MADE.load(Ordering::Relaxed), (error >= 0).then_some(error))
 }
 
-/// What making thunks needs from the OS, passed in so that the bookkeeping can be tested
-/// without mapping code.
-trait ThunkOs {
-    /// Maps an empty (`int3`-filled, read-execute) thunk page within reach of our code.
-    fn map_page(&mut self) -> Result<Segment, i32>;
-    /// Writes `writes` into the thunk pages `pages` and syncs the cores.
-    fn write(&mut self, writes: &mut [Write], pages: &[Segment]) -> Result<(), i32>;
+/// What making code needs from the OS and the pool, passed in so that the bookkeeping can be
+/// tested without writing code. Guard stubs (`guard.rs`) use it too.
+pub(crate) trait CodeOs {
+    /// Takes `len` bytes of empty (`int3`) code within reach of our code, or says why not (an
+    /// errno, or 0 when the pool is used up).
+    fn take(&mut self, len: usize) -> Result<usize, i32>;
+    /// Writes `writes` into code the pool handed out and syncs the cores.
+    fn write(&mut self, writes: &mut [Write]) -> Result<(), i32>;
+    /// The retpoline thunk to jump through, in a retpoline build.
+    fn retpoline(&self) -> Option<usize>;
 }
 
-/// The real one: `linux::map_code_near` and the code writer.
-struct Linux<'a> {
-    rt: &'a Runtime,
-    lo: usize,
-    hi: usize,
+/// The real one: the code pool and the code writer.
+pub(crate) struct Linux<'a> {
+    pub rt: &'a Runtime,
+    pub pool: &'a mut Pool,
 }
 
-impl ThunkOs for Linux<'_> {
-    fn map_page(&mut self) -> Result<Segment, i32> {
-        let (lo, hi) = (self.lo, self.hi);
-        linux::map_code_near(lo, hi, self.rt.page, self.rt.page, |at, len| {
-            arch::reaches(lo, hi, at, len)
-        })
+impl CodeOs for Linux<'_> {
+    fn take(&mut self, len: usize) -> Result<usize, i32> {
+        self.pool.take(self.rt, len)
     }
 
-    fn write(&mut self, writes: &mut [Write], pages: &[Segment]) -> Result<(), i32> {
-        linux::write_batch(writes, pages, self.rt.page).map_err(|e| match e {
+    fn write(&mut self, writes: &mut [Write]) -> Result<(), i32> {
+        linux::write_batch(writes, self.pool.segments(), self.rt.page).map_err(|e| match e {
             WriteError::Protect(errno) | WriteError::Sync(errno) => errno,
         })
     }
+
+    fn retpoline(&self) -> Option<usize> {
+        code_pool::retpoline()
+    }
+}
+
+/// The writes that put `code` (a multiple of 8 bytes) into the empty slot at `at`.
+pub(crate) fn writes_for(at: usize, code: &[u8]) -> impl Iterator<Item = Write> + '_ {
+    code.chunks(WORD).enumerate().map(move |(i, word)| Write {
+        addr: at + i * WORD,
+        insn_at: 0,
+        old: EMPTY,
+        new: u64::from_ne_bytes(word.try_into().expect("8 bytes")),
+        done: false,
+    })
+}
+
+/// Whether every write to `[at, at + len)` was done (`writes` sorted by address, as
+/// `write_batch` leaves them).
+pub(crate) fn all_done(writes: &[Write], at: usize, len: usize) -> bool {
+    let i = writes.partition_point(|w| w.addr < at);
+    writes[i..i + len / WORD].iter().all(|w| w.done)
 }
 
 impl Thunks {
     const fn new() -> Thunks {
         Thunks {
             made: Vec::new(),
-            pages: Vec::new(),
-            used: 0,
             error: None,
         }
     }
@@ -114,13 +128,18 @@ impl Thunks {
     /// Makes a thunk for each of `targets` that a site of our object cannot reach directly and
     /// that has none yet, so that `get` finds them. A failure is recorded (see `summary`); the
     /// targets left without a thunk keep their sites on the trampoline.
-    pub fn make_for(&mut self, rt: &Runtime, targets: impl IntoIterator<Item = usize>) {
+    pub fn make_for(
+        &mut self,
+        rt: &Runtime,
+        pool: &mut Pool,
+        targets: impl IntoIterator<Item = usize>,
+    ) {
         let Some((lo, hi)) = rt.object.as_ref().and_then(|o| o.code_span()) else {
             return;
         };
-        let mut os = Linux { rt, lo, hi };
+        let mut os = Linux { rt, pool };
         let before = self.made.len();
-        match self.make(lo, hi, rt.page, targets, &mut os) {
+        match self.make(lo, hi, targets, &mut os) {
             Err(errno) => self.error = Some(errno),
             Ok(()) if self.made.len() > before => self.error = None,
             Ok(()) => {}
@@ -135,9 +154,8 @@ impl Thunks {
         &mut self,
         lo: usize,
         hi: usize,
-        page: usize,
         targets: impl IntoIterator<Item = usize>,
-        os: &mut impl ThunkOs,
+        os: &mut impl CodeOs,
     ) -> Result<(), i32> {
         let mut wanted: Vec<usize> = targets
             .into_iter()
@@ -145,52 +163,34 @@ impl Thunks {
             .collect();
         wanted.sort_unstable();
         wanted.dedup();
-        if wanted.is_empty() {
-            return Ok(());
-        }
-        let per_page = page / THUNK_LEN;
         let mut short = Ok(());
-        while self.pages.len() * per_page < self.used + wanted.len() {
-            if self.pages.len() == MAX_PAGES {
-                short = Err(0);
-                break;
-            }
-            match os.map_page() {
-                Ok(p) => self.pages.push(p),
+        // The slots are taken whatever happens next: one whose write failed halfway is spoiled.
+        let mut made: Vec<(usize, usize, [u8; THUNK_LEN])> = Vec::new();
+        for &target in &wanted {
+            let at = match os.take(THUNK_LEN) {
+                Ok(at) => at,
                 Err(errno) => {
                     short = Err(errno);
                     break;
                 }
+            };
+            // Out of reach of the retpoline thunk: cannot happen for code within reach of ours.
+            if let Some(code) = arch::thunk(at, target, os.retpoline()) {
+                made.push((target, at, code));
             }
         }
-        wanted.truncate(self.pages.len() * per_page - self.used);
-        if wanted.is_empty() {
+        if made.is_empty() {
             return short;
         }
-        let slot = |i: usize| self.pages[i / per_page].start + i % per_page * THUNK_LEN;
-        let slots: Vec<usize> = (self.used..self.used + wanted.len()).map(slot).collect();
-        // The slots are taken whatever happens next: one whose write failed halfway is spoiled.
-        self.used += wanted.len();
-        let mut writes: Vec<Write> = slots
+        let mut writes: Vec<Write> = made
             .iter()
-            .zip(&wanted)
-            .flat_map(|(&at, &target)| {
-                let code = arch::thunk(target);
-                (0..THUNK_LEN / WORD).map(move |i| Write {
-                    addr: at + i * WORD,
-                    insn_at: 0,
-                    old: EMPTY,
-                    new: u64::from_ne_bytes(code[i * WORD..][..WORD].try_into().expect("8 bytes")),
-                    done: false,
-                })
-            })
+            .flat_map(|(_, at, code)| writes_for(*at, code))
             .collect();
-        os.write(&mut writes, &self.pages)?;
+        os.write(&mut writes)?;
         // `write_batch` sorted the writes by address: a thunk's quadwords are adjacent.
         writes.sort_unstable_by_key(|w| w.addr);
-        for (&at, &target) in slots.iter().zip(&wanted) {
-            let i = writes.partition_point(|w| w.addr < at);
-            if writes[i..i + THUNK_LEN / WORD].iter().all(|w| w.done) {
+        for &(target, at, _) in &made {
+            if all_done(&writes, at, THUNK_LEN) {
                 self.made.push((target, at));
             }
         }
@@ -207,14 +207,18 @@ mod tests {
     const LO: usize = 0x5555_0000_0000;
     const HI: usize = 0x5555_0010_0000;
     const FAR: usize = 0x7f00_0000_0000;
+    /// The fake pool's size, in pages.
+    const PAGES: usize = 4;
 
-    /// Pages below `LO`, "written" into a byte copy, with failures on demand.
+    /// A pool of `PAGES` pages below `LO`, "written" into a byte copy, with failures on demand.
     #[derive(Default)]
     struct Fake {
         mapped: Vec<Vec<u8>>,
+        next: usize,
         refuse_map: Option<i32>,
         refuse_write: Option<i32>,
         batches: usize,
+        retpoline: Option<usize>,
     }
 
     impl Fake {
@@ -237,27 +241,35 @@ mod tests {
         }
     }
 
-    impl ThunkOs for Fake {
-        fn map_page(&mut self) -> Result<Segment, i32> {
-            if let Some(e) = self.refuse_map {
-                return Err(e);
+    impl CodeOs for Fake {
+        fn take(&mut self, len: usize) -> Result<usize, i32> {
+            let end = self
+                .mapped
+                .len()
+                .checked_sub(1)
+                .map_or(0, |i| Fake::base(i) + PAGE);
+            if self.mapped.is_empty() || self.next + len > end {
+                if self.mapped.len() == PAGES {
+                    return Err(0);
+                }
+                if let Some(e) = self.refuse_map {
+                    return Err(e);
+                }
+                self.mapped.push(vec![0xcc; PAGE]);
+                self.next = Fake::base(self.mapped.len() - 1);
             }
-            let start = Fake::base(self.mapped.len());
-            self.mapped.push(vec![0xcc; PAGE]);
-            Ok(Segment {
-                start,
-                end: start + PAGE,
-                prot: libc::PROT_READ | libc::PROT_EXEC,
-            })
+            let at = self.next;
+            self.next += len;
+            Ok(at)
         }
 
-        fn write(&mut self, writes: &mut [Write], pages: &[Segment]) -> Result<(), i32> {
+        fn write(&mut self, writes: &mut [Write]) -> Result<(), i32> {
             if let Some(e) = self.refuse_write {
                 return Err(e);
             }
             self.batches += 1;
+            writes.sort_unstable_by_key(|w| w.addr);
             for w in writes.iter_mut() {
-                assert!(pages.iter().any(|p| p.contains(w.addr, w.addr + WORD)));
                 let (i, off) = self.page(w.addr);
                 let cur = u64::from_ne_bytes(self.mapped[i][off..off + WORD].try_into().unwrap());
                 if cur == w.old {
@@ -267,6 +279,14 @@ mod tests {
             }
             Ok(())
         }
+
+        fn retpoline(&self) -> Option<usize> {
+            self.retpoline
+        }
+    }
+
+    fn thunk_at(at: usize, target: usize) -> [u8; THUNK_LEN] {
+        arch::thunk(at, target, None).unwrap()
     }
 
     #[test]
@@ -274,16 +294,13 @@ mod tests {
         let mut t = Thunks::new();
         let mut os = Fake::default();
         let near = HI + 0x1000;
-        assert_eq!(
-            t.make(LO, HI, PAGE, [FAR, near, FAR + 16, FAR], &mut os),
-            Ok(())
-        );
+        assert_eq!(t.make(LO, HI, [FAR, near, FAR + 16, FAR], &mut os), Ok(()));
         assert_eq!((os.mapped.len(), os.batches), (1, 1), "one page, one batch");
         assert_eq!(t.get(near), None, "a near target needs no thunk");
         let (a, b) = (t.get(FAR).unwrap(), t.get(FAR + 16).unwrap());
         assert_eq!((a, b), (Fake::base(0), Fake::base(0) + THUNK_LEN));
-        assert_eq!(os.read(a, THUNK_LEN), arch::thunk(FAR));
-        assert_eq!(os.read(b, THUNK_LEN), arch::thunk(FAR + 16));
+        assert_eq!(os.read(a, THUNK_LEN), thunk_at(a, FAR));
+        assert_eq!(os.read(b, THUNK_LEN), thunk_at(b, FAR + 16));
         assert_eq!(
             os.read(b + THUNK_LEN, 1),
             [0xcc],
@@ -291,31 +308,50 @@ mod tests {
         );
 
         // Asking again makes nothing; a new target takes the next slot of the same page.
-        assert_eq!(t.make(LO, HI, PAGE, [FAR, FAR + 16], &mut os), Ok(()));
+        assert_eq!(t.make(LO, HI, [FAR, FAR + 16], &mut os), Ok(()));
         assert_eq!(os.batches, 1);
-        assert_eq!(t.make(LO, HI, PAGE, [FAR + 32], &mut os), Ok(()));
+        assert_eq!(t.make(LO, HI, [FAR + 32], &mut os), Ok(()));
         assert_eq!(t.get(FAR + 32), Some(b + THUNK_LEN));
-        assert_eq!(os.read(b + THUNK_LEN, THUNK_LEN), arch::thunk(FAR + 32));
+        assert_eq!(
+            os.read(b + THUNK_LEN, THUNK_LEN),
+            thunk_at(b + THUNK_LEN, FAR + 32)
+        );
         assert_eq!(os.mapped.len(), 1);
     }
 
     #[test]
-    fn pages_fill_up_to_the_limit_and_then_say_so() {
+    fn in_a_retpoline_build_thunks_jump_through_the_retpoline() {
+        let mut t = Thunks::new();
+        let retpoline = LO + 0x40;
+        let mut os = Fake {
+            retpoline: Some(retpoline),
+            ..Fake::default()
+        };
+        assert_eq!(t.make(LO, HI, [FAR], &mut os), Ok(()));
+        let at = t.get(FAR).unwrap();
+        assert_eq!(
+            os.read(at, THUNK_LEN),
+            arch::thunk(at, FAR, Some(retpoline)).unwrap()
+        );
+    }
+
+    #[test]
+    fn the_pool_fills_up_and_then_says_so() {
         let mut t = Thunks::new();
         let mut os = Fake::default();
-        let per_page = PAGE / THUNK_LEN;
-        let all = MAX_PAGES * per_page;
+        let all = PAGES * PAGE / THUNK_LEN;
         assert_eq!(
-            t.make(LO, HI, PAGE, (0..all - 1).map(|i| FAR + 16 * i), &mut os),
+            t.make(LO, HI, (0..all - 1).map(|i| FAR + 16 * i), &mut os),
             Ok(())
         );
-        assert_eq!(os.mapped.len(), MAX_PAGES);
+        assert_eq!(os.mapped.len(), PAGES);
         // One slot left: the first of two new targets gets it, the second is refused.
         let (x, y) = (FAR + 16 * all, FAR + 16 * (all + 1));
-        assert_eq!(t.make(LO, HI, PAGE, [x, y], &mut os), Err(0));
+        assert_eq!(t.make(LO, HI, [x, y], &mut os), Err(0));
         assert!(t.get(x).is_some());
         assert_eq!(t.get(y), None);
-        assert_eq!(os.read(t.get(x).unwrap(), THUNK_LEN), arch::thunk(x));
+        let at = t.get(x).unwrap();
+        assert_eq!(os.read(at, THUNK_LEN), thunk_at(at, x));
     }
 
     #[test]
@@ -325,22 +361,22 @@ mod tests {
             refuse_map: Some(libc::EACCES),
             ..Fake::default()
         };
-        assert_eq!(t.make(LO, HI, PAGE, [FAR], &mut os), Err(libc::EACCES));
+        assert_eq!(t.make(LO, HI, [FAR], &mut os), Err(libc::EACCES));
         assert_eq!(t.get(FAR), None);
 
         os.refuse_map = None;
         os.refuse_write = Some(libc::EACCES);
-        assert_eq!(t.make(LO, HI, PAGE, [FAR], &mut os), Err(libc::EACCES));
+        assert_eq!(t.make(LO, HI, [FAR], &mut os), Err(libc::EACCES));
         assert_eq!(t.get(FAR), None, "not recorded: its slot was not written");
 
         os.refuse_write = None;
-        assert_eq!(t.make(LO, HI, PAGE, [FAR], &mut os), Ok(()));
+        assert_eq!(t.make(LO, HI, [FAR], &mut os), Ok(()));
         let at = t.get(FAR).unwrap();
         assert_eq!(
             at,
             Fake::base(0) + THUNK_LEN,
             "the refused slot stays spoiled"
         );
-        assert_eq!(os.read(at, THUNK_LEN), arch::thunk(FAR));
+        assert_eq!(os.read(at, THUNK_LEN), thunk_at(at, FAR));
     }
 }

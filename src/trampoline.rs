@@ -1,7 +1,9 @@
 //! The trampolines (`asm/trampoline_x86_64.S`) and their slow path.
 //!
 //! Every unpatched call site calls the trampoline with its key in r11; every unpatched tail site
-//! (`static_call_fn!`) jumps to the tail entry with its key in r11 and its own address in r10.
+//! (`static_call_fn!`) jumps to the tail entry with its key in r11 and its own address in r10;
+//! every unpatched run-time site (`key.call`) calls the run-time entry with its key in r11, and
+//! so does a guard stub that missed (`guard.rs`), from the site's call.
 //! The slow path registers the site, as the kind its entry says, and returns the key's current
 //! target, which the entry tail-jumps to. The slow path
 //! runs in whatever context the caller is in, a signal handler included, so once the library is
@@ -15,7 +17,7 @@ use crate::key::RawKey;
 use crate::kinds::Kind;
 use crate::patcher::Info;
 use crate::registry::{Lookup, QUEUED, RETRY, SETTLED, Slot};
-use crate::{runtime, worker};
+use crate::{code_pool, guard, runtime, worker};
 
 unsafe extern "C" {
     /// The trampoline. Its symbol carries the crate version so that two copies of this crate
@@ -41,15 +43,30 @@ unsafe extern "C" {
         env!("CARGO_PKG_VERSION_PATCH")
     )]
     pub fn tail_trampoline();
+
+    /// The entry of run-time sites (`key.call`, `guard.rs`), and where their guard stubs go when
+    /// the key holds none of the stub's targets: like `trampoline` (the return address is the
+    /// site's), for sites whose bytes prove no key.
+    #[link_name = concat!(
+        "static_call_run_time_trampoline_v",
+        env!("CARGO_PKG_VERSION_MAJOR"), "_",
+        env!("CARGO_PKG_VERSION_MINOR"), "_",
+        env!("CARGO_PKG_VERSION_PATCH")
+    )]
+    pub fn run_time_trampoline();
 }
 
 core::arch::global_asm!(
     include_str!("../asm/trampoline_x86_64.S"),
     tramp = sym trampoline,
     tail = sym tail_trampoline,
+    rt = sym run_time_trampoline,
     slow = sym slow_path,
     call_kind = const Kind::Call as u32,
     tail_kind = const Kind::Tail as u32,
+    rt_kind = const Kind::RunTime as u32,
+    retpoline = const code_pool::RETPOLINE as u32,
+    retpoline_r10 = sym code_pool::retpoline_r10,
 );
 
 /// The trampoline's address.
@@ -62,14 +79,21 @@ pub(crate) fn tail_address() -> usize {
     tail_trampoline as *const () as usize
 }
 
+/// The run-time entry's address.
+pub(crate) fn run_time_address() -> usize {
+    run_time_trampoline as *const () as usize
+}
+
 /// Called by a trampoline entry with the key from r11, the site's address and the entry's kind.
 ///
 /// # Safety
-/// `key` must point to a live key (every site passes the address of a `static`).
+/// `key` must point to a live key: a static for call and tail sites (their bytes name it), and
+/// for run-time sites a key its caller holds a reference to for the whole call.
 unsafe extern "C" fn slow_path(key: *const RawKey, site: usize, kind: u32) -> *const () {
-    // SAFETY: by the trampoline's contract r11 held the address of a key, and keys are statics
-    // (or fields of statics), so the reference is valid for 'static.
-    let key: &'static RawKey = unsafe { &*key };
+    // SAFETY: by the trampoline's contract r11 holds the address of a key that is live for the
+    // duration of this call. Nothing below keeps the reference beyond it: a run-time site's slot
+    // records only the key's address (never dereferenced again) and the target read here.
+    let key: &RawKey = unsafe { &*key };
     alignment_canary();
     register(key, site, Kind::from_u32(kind));
     key.func()
@@ -98,16 +122,26 @@ pub(crate) fn alignment_canary() {
 /// Returns whether later runs of the site need not come here again: it is queued or settled (or
 /// the registry is full). False while the library initialises (re-entry) or while the site
 /// waits in RETRY for a later run to queue it.
-pub(crate) fn register(key: &'static RawKey, site: usize, kind: Kind) -> bool {
+pub(crate) fn register(key: &RawKey, site: usize, kind: Kind) -> bool {
     let Some(rt) = runtime::get_or_init() else {
         return false;
     };
     let slot = match rt.registry.find_or_claim(site) {
         // The common case for a site that keeps running through the trampoline (unpatchable, or
-        // still queued): loads only.
+        // still queued): loads only. A run-time site also notes the target and the miss, and
+        // may go back to the patcher (one compare-exchange, maybe one push).
         Lookup::Found(slot, index) => {
             if slot.state.load(Ordering::Relaxed) == RETRY {
                 requeue(slot, index);
+            } else if kind == Kind::RunTime
+                && guard::note_miss(slot, key)
+                && slot
+                    .state
+                    .compare_exchange(SETTLED, QUEUED, Ordering::Release, Ordering::Relaxed)
+                    .is_ok()
+            {
+                // Release: the patcher, which reads `state` with Acquire, sees `seen`.
+                enqueue(slot, index);
             }
             slot
         }
@@ -115,6 +149,9 @@ pub(crate) fn register(key: &'static RawKey, site: usize, kind: Kind) -> bool {
             slot.key
                 .store(key as *const RawKey as *mut RawKey, Ordering::Relaxed);
             slot.kind.store(kind as u32, Ordering::Relaxed);
+            if kind == Kind::RunTime {
+                guard::note_first_call(slot, key);
+            }
             match runtime::mode() {
                 Ok(()) => {
                     // Release: the patcher, which reads `state` with Acquire, sees `key`.

@@ -72,6 +72,16 @@ extern "C" fn hk_note(x: u64) {
     HK_SEEN.fetch_add(x, Ordering::Relaxed);
 }
 
+/// Two keys called through one run-time site (a guard stub for both, once settled).
+static R1: StaticCall<extern "C" fn(u64) -> u64> = StaticCall::new(inc);
+static R2: StaticCall<extern "C" fn(u64) -> u64> = StaticCall::new(tri);
+
+/// The run-time site of the systematic test.
+#[inline(never)]
+fn run_time(key: &StaticCall<extern "C" fn(u64) -> u64>, x: u64) -> u64 {
+    key.call_guarded(x)
+}
+
 /// Two sites of `K`: 2x + 3 with `inc`, 4x + 2 with `dbl`.
 #[inline(never)]
 fn two_sites(x: u64) -> u64 {
@@ -84,9 +94,10 @@ fn three_sites(x: u64) -> u64 {
     static_call!(K)(x) + static_call!(K)(x + 1) + static_call!(K)(x + 2)
 }
 
-/// One site of every key of the systematic test, and what each returned.
+/// One site of every key of the systematic test (and a run-time site of two keys), and what
+/// each returned.
 #[inline(never)]
-fn every_key(x: u64) -> [u64; 7] {
+fn every_key(x: u64) -> [u64; 8] {
     let a = static_call!(A)(x) + static_call!(A)(x + 1);
     let b = static_call!(B)(x);
     static_call!(H)(x);
@@ -97,6 +108,9 @@ fn every_key(x: u64) -> [u64; 7] {
     if has_target!(HK) {
         static_call!(HK)(x);
     }
+    let r = (0..2 * static_call::__private::MISSES_TO_REQUEUE)
+        .map(|i| run_time(if i % 2 == 0 { &R1 } else { &R2 }, x))
+        .fold(0u64, u64::wrapping_add);
     [
         a,
         b,
@@ -105,6 +119,7 @@ fn every_key(x: u64) -> [u64; 7] {
         f,
         br,
         HK_SEEN.swap(0, Ordering::Relaxed),
+        r,
     ]
 }
 
@@ -112,7 +127,7 @@ fn every_key(x: u64) -> [u64; 7] {
 static BRANCHES: std::sync::OnceLock<Vec<common::BranchBytes>> = std::sync::OnceLock::new();
 
 fn find_branches() {
-    let f = every_key as fn(u64) -> [u64; 7] as usize;
+    let f = every_key as fn(u64) -> [u64; 8] as usize;
     let mut found = common::branch_sites_in(f, 8192, BR.as_ptr() as usize);
     found.extend(common::branch_sites_in(f, 8192, HK.as_ptr() as usize));
     assert_eq!(found.len(), 2, "{found:x?}");
@@ -124,7 +139,7 @@ fn branch_at(site: usize) -> Option<common::BranchBytes> {
 }
 
 /// What `every_key` must return with the keys' current targets.
-fn every_key_expected(x: u64) -> [u64; 7] {
+fn every_key_expected(x: u64) -> [u64; 8] {
     let a = A.query();
     let hooked = match H.target() {
         Target::Null => 0,
@@ -138,6 +153,8 @@ fn every_key_expected(x: u64) -> [u64; 7] {
         Target::Null => 0,
         _ => x,
     };
+    let n = static_call::__private::MISSES_TO_REQUEUE;
+    let r = (R1.query()(x).wrapping_add(R2.query()(x))).wrapping_mul(n);
     [
         a(x) + a(x + 1),
         B.query()(x),
@@ -146,7 +163,19 @@ fn every_key_expected(x: u64) -> [u64; 7] {
         9,
         u64::from(BR.is_enabled()),
         hk,
+        r,
     ]
+}
+
+/// Every run-time site's bytes are a form it may take (its entry, a well-formed guard stub that
+/// misses to the entry, the indirect call), and `run_time_sites()` says what they are.
+fn assert_run_time_sites_consistent() {
+    let sites = static_call::run_time_sites();
+    assert!(!sites.is_empty(), "the run-time site was registered");
+    for s in sites {
+        assert_ne!(s.state, SiteState::Foreign, "{s:?}");
+        common::run_time_state(s.address);
+    }
 }
 
 // --- checking sites against their keys -------------------------------------------------------
@@ -720,6 +749,7 @@ fn run_op(op: &str, arm: impl FnOnce()) -> Result<(), Error> {
             .update(&F, PROBE_STRLEN.query())
             .enable(&BR)
             .update(&HK, PROBE_HK.query())
+            .update(&R1, PROBE_DBL.query())
             .try_commit(),
         "unpatch_all" => static_call::unpatch_all(),
         // Two phases: calls, then branches.
@@ -739,8 +769,8 @@ static PROBE_STRLEN: StaticCall<unsafe extern "C" fn(*const c_char) -> usize> =
     StaticCall::new(libc::strlen);
 static PROBE_HK: StaticCall<extern "C" fn(u64)> = StaticCall::new(hk_note);
 
-/// The keys' targets as `(A, B, H, Z, F, BR, HK)` expectations.
-fn targets_now() -> [Expect; 7] {
+/// The keys' targets as `(A, B, H, Z, F, BR, HK, R1)` expectations.
+fn targets_now() -> [Expect; 8] {
     [
         expect(&A),
         expect(&B),
@@ -749,11 +779,12 @@ fn targets_now() -> [Expect; 7] {
         expect(&F),
         Expect::Branch(BR.is_enabled()),
         expect_hook(&HK),
+        expect(&R1),
     ]
 }
 
 /// The targets each operation's success gives.
-fn targets_after_success(op: &str) -> [Expect; 7] {
+fn targets_after_success(op: &str) -> [Expect; 8] {
     let mut after = targets_now();
     match op {
         "update" => after[0] = expect(&PROBE_DBL),
@@ -766,6 +797,7 @@ fn targets_after_success(op: &str) -> [Expect; 7] {
                 expect(&PROBE_STRLEN),
                 Expect::Branch(true),
                 expect_hook(&PROBE_HK),
+                expect(&PROBE_DBL),
             ]
         }
         "hook_on" => after[6] = expect_hook(&PROBE_HK),
@@ -867,7 +899,8 @@ fn fault_child() {
         _ => None,
     };
     wait_for_retries();
-    let all: Vec<SiteInfo> = keys_now().into_iter().flat_map(|k| k.1).collect();
+    let mut all: Vec<SiteInfo> = keys_now().into_iter().flat_map(|k| k.1).collect();
+    all.extend(static_call::run_time_sites());
     for (at, was) in faults::foreign() {
         if let Some(s) = all.iter().find(|s| s.address == at) {
             assert_eq!(s.state, SiteState::Foreign, "{s:?}");
@@ -875,6 +908,7 @@ fn fault_child() {
         debugger_poke(at, was);
     }
     assert_consistent(&keys_now(), stuck);
+    assert_run_time_sites_consistent();
     if stuck.is_none() {
         // (The site an UndoFailed names does call the other target: that is what it says.)
         assert_eq!(
@@ -883,6 +917,9 @@ fn fault_child() {
             "calls reach the keys' targets"
         );
     }
+    // The calls above may have sent the run-time site back to the worker: wait for it (flush
+    // takes the patch lock, which the worker holds while pages are open).
+    static_call::flush();
     assert_eq!(
         rwx_mappings(),
         Vec::<String>::new(),
@@ -899,9 +936,12 @@ fn fault_child() {
         .update(&F, my_strlen)
         .enable(&BR)
         .update(&HK, hk_note)
+        .update(&R1, inc)
         .commit();
     assert_consistent(&keys_now(), None);
     assert_eq!(every_key(3), every_key_expected(3));
+    static_call::flush();
+    assert_run_time_sites_consistent();
     println!("scenario fault_child passed");
 }
 
@@ -910,12 +950,17 @@ fn fault_child() {
 /// checked.
 fn wait_for_retries() {
     let waiting = || {
-        keys_now().into_iter().flat_map(|k| k.1).any(|s| {
-            matches!(
-                s.state,
-                SiteState::Trampoline(Reason::WriteFailed { .. }) | SiteState::Pending
-            )
-        })
+        let run_time = static_call::run_time_sites().into_iter();
+        keys_now()
+            .into_iter()
+            .flat_map(|k| k.1)
+            .chain(run_time)
+            .any(|s| {
+                matches!(
+                    s.state,
+                    SiteState::Trampoline(Reason::WriteFailed { .. }) | SiteState::Pending
+                )
+            })
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while waiting() {

@@ -563,8 +563,13 @@ scenario! {
         assert_eq!(far_site(-5), 5);
         assert_eq!(static_call::status().thunks, 1);
         assert_eq!(static_call::status().thunk_error, None);
+        let (reserve, reserve_end) = static_call::__private::code_pool_reserve();
+        assert!(
+            (reserve..reserve_end).contains(&common::call_target(site).unwrap()),
+            "the thunk is in the code pool's reserve in our own text, which has CFI"
+        );
         let pages = static_call::stats().thunk_pages;
-        assert_eq!(pages, 1);
+        assert_eq!(pages, 0, "no page mapped while the reserve has room");
 
         FAR.update(neg);
         assert_calls(site, FAR.query() as usize, "neg");
@@ -594,18 +599,24 @@ scenario! {
     }
 }
 
-/// Thunk pages the library maps at most, and thunks per page: 4 KiB pages of 16-byte thunks.
-const THUNK_PAGES: usize = 16;
+/// Pages the library maps at most once the code pool's reserve is used up, and thunks per page:
+/// 4 KiB pages of 16-byte thunks; and thunks in the reserve.
+const THUNK_PAGES: usize = static_call::__private::MAX_MAPPED_PAGES;
 const THUNKS_PER_PAGE: usize = 4096 / 16;
+const RESERVE_THUNKS: usize = static_call::__private::POOL_BYTES / 16;
+/// Keys with no site, whose updates make thunks in bulk.
+static FILLERS: [static_call::StaticCall<unsafe extern "C" fn(i64) -> i64>; 1024] =
+    [const { static_call::StaticCall::new(labs as unsafe extern "C" fn(i64) -> i64) }; 1024];
 
 scenario! {
-    /// When no thunk can be made (here: every thunk slot is used), a far target is still called
-    /// correctly, through the trampoline, and the site and `status()` say why.
+    /// When no thunk can be made (here: every thunk slot is used, in the reserve and in every
+    /// page the pool may map), a far target is still called correctly, through the trampoline,
+    /// and the site and `status()` say why.
     fn when_thunks_run_out_far_targets_stay_on_the_trampoline() {
         let Some(sites) = far_site_settled() else { return };
         let site = sites[0].address;
         // Far code with one function every 8 bytes: `lea rax, [rdi + 1]; ret`.
-        let n = THUNK_PAGES * THUNKS_PER_PAGE;
+        let n = RESERVE_THUNKS + THUNK_PAGES * THUNKS_PER_PAGE;
         let mut code = Vec::with_capacity(n * 8);
         for _ in 0..n {
             code.extend_from_slice(&add_n(1));
@@ -616,12 +627,21 @@ scenario! {
             println!("note: the far code landed within 2 GiB; nothing to check");
             return;
         }
-        // labs took one slot: n - 1 more fill every page.
-        for i in 0..n - 1 {
+        // labs took one slot: n - 1 more fill every slot. A batch makes the thunks of all its
+        // targets in one pass, whether or not their keys have sites: spare keys, `FILLERS` at a
+        // time, then FAR itself for the last one.
+        let far_fn = |i: usize| -> unsafe extern "C" fn(i64) -> i64 {
             // SAFETY: each 8-byte slot holds a function of this signature.
-            let f: unsafe extern "C" fn(i64) -> i64 = unsafe { core::mem::transmute(base + 8 * i) };
-            FAR.update(f);
+            unsafe { core::mem::transmute(base + 8 * i) }
+        };
+        for chunk in (0..n - 2).collect::<Vec<_>>().chunks(FILLERS.len()) {
+            let batch = chunk
+                .iter()
+                .zip(&FILLERS)
+                .fold(static_call::Batch::new(), |b, (&i, key)| b.update(key, far_fn(i)));
+            batch.commit();
         }
+        FAR.update(far_fn(n - 2));
         assert_calls_through_thunk(site, base + 8 * (n - 2), "the last far function");
         assert_eq!(far_site(1), 2);
         let status = static_call::status();

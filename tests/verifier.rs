@@ -1231,3 +1231,88 @@ fn neither_proof_accepts_the_other_kind() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Run-time sites (`key.call_guarded`, `guard.rs`): `prove_run_time_site` against a byte oracle,
+// and no static proof ever accepting a run-time site, whatever precedes it. A run-time site's
+// r11 is computed outside its asm block, so LLVM may put a static key's `lea r11` right before
+// it (two keys' loads merged in front of one call): byte for byte a call site of that key, but
+// for the entry it calls. Only the entry tells them apart.
+
+/// The run-time oracle, on bytes only: the five bytes are `E8` and a rel32 reaching `entry`.
+fn run_time_oracle(code: &[u8], at: u64, entry: u64) -> bool {
+    let rel = i32::from_le_bytes(code[1..5].try_into().unwrap());
+    code[0] == 0xe8 && at.wrapping_add(5).wrapping_add(rel as i64 as u64) == entry
+}
+
+#[test]
+fn run_time_sites_prove_exactly_their_entry_and_no_static_proof_accepts_one() {
+    let iters = env_u64("STATIC_CALL_FUZZ_ITERS", DEFAULT_ITERS) / 4;
+    let seed = env_u64("STATIC_CALL_FUZZ_SEED", DEFAULT_SEED) ^ 0x2a11;
+    let mut rng = Rng(seed);
+    let (mut accepted, mut rejected, mut traps) = (0u64, 0u64, 0u64);
+    let mut check = |code: &[u8], at: u64, entry: u64| {
+        let got = static_call::__private::prove_run_time_site(code, at, entry);
+        let want = run_time_oracle(code, at, entry);
+        assert_eq!(
+            got.is_ok(),
+            want,
+            "run-time verifier {got:?}, oracle {want}: {code:02x?} at {at:#x} entry {entry:#x}"
+        );
+        if want {
+            accepted += 1;
+        } else {
+            rejected += 1;
+        }
+    };
+    for _ in 0..iters {
+        // A static site's bytes, with every padding and random bytes before: with the call
+        // going to the run-time entry, they are a run-time site and never a static one; with the
+        // call going to the static trampoline, never a run-time site.
+        let (pad, filler) = (rng.pick(&LLVM_PADS), rng.chance(2));
+        let (site, key) = real_site(&mut rng, pad, filler);
+        let call_at = site.start + PRO as u64;
+        let entry = loop {
+            let e = site.tramp.wrapping_add(rng.next() as i16 as i64 as u64);
+            if e != site.tramp {
+                break e;
+            }
+        };
+        let trap = Case {
+            code: with_call(site.code, call_at, entry),
+            ..site
+        };
+        assert!(
+            prove_site(&trap.code, trap.start, trap.tramp).is_err(),
+            "a run-time site proven as a call site: {}",
+            trap.hex()
+        );
+        if oracle(&site)
+            == (Verdict::Site {
+                key,
+                canonical: true,
+            })
+        {
+            // The same bytes calling the static entry prove `key`: the trap is real.
+            assert_eq!(prove_site(&site.code, site.start, site.tramp), Ok(key));
+            traps += 1;
+        }
+        check(&trap.code[PRO..], call_at, entry);
+        check(&site.code[PRO..], call_at, entry);
+
+        // Every single-byte change of a run-time site, and random bytes.
+        let mut m: [u8; 5] = trap.code[PRO..].try_into().unwrap();
+        m[rng.below(5)] = rng.byte();
+        check(&m, call_at, entry);
+        let r: [u8; 5] = core::array::from_fn(|_| rng.byte());
+        check(&r, call_at, entry);
+        // Other lengths are never a site.
+        let cut = &trap.code[PRO..PRO + 4];
+        assert!(static_call::__private::prove_run_time_site(cut, call_at, entry).is_err());
+    }
+    eprintln!(
+        "run-time verifier: seed {seed:#x}, {iters} cases: accepted {accepted}, rejected \
+         {rejected}; {traps} merged-lea shapes that would prove a key with the static entry"
+    );
+    assert!(accepted >= iters && rejected >= iters && traps > 0);
+}

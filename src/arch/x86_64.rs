@@ -24,9 +24,18 @@
 //! J + 5:      C3               ret                     reached when the jmp is a NOP or `xor`
 //! ```
 //!
-//! Only the five bytes at `C` (or `J`) are ever rewritten, and always into one instruction of
-//! five bytes (never two: a thread preempted between two instructions would resume inside the
-//! next rewrite's rel32).
+//! A run-time site, as `key.call(args)` emits it (`guard.rs`), where the compiler put the key's
+//! address in r11 before the block (so nothing in the bytes binds a key):
+//!
+//! ```text
+//! R - p:      <p bytes of NOP> padding, 0 <= p <= 4
+//! R:          E8 r32           call <run-time entry>   R = 0..=3 (mod 8)
+//! ```
+//!
+//! Only the five bytes at `C` (or `J`, or `R`) are ever rewritten, and always into one
+//! instruction of five bytes (never two: a thread preempted between two instructions would
+//! resume inside the next rewrite's rel32). A run-time site becomes `call <guard stub>` or the
+//! indirect call through its key, `call qword ptr [r11 + 0]` ([`INDIRECT`]).
 
 use iced_x86::{Code, Decoder, DecoderOptions, Mnemonic, OpKind, Register};
 
@@ -57,6 +66,12 @@ pub const NOP5: Insn = [0x0f, 0x1f, 0x44, 0x00, 0x00];
 /// as the kernel does: it must stay one instruction.
 pub const RET0: Insn = [0x2e, 0x2e, 0x2e, 0x31, 0xc0];
 
+/// `call qword ptr [r11 + 0]` (REX.B, FF /2, a SIB with no index, disp8 0): one 5-byte
+/// instruction that calls the function a key holds, r11 being the key's address at every site.
+/// What a run-time site with too many targets becomes in a normal build (`guard.rs`): a plain
+/// indirect call, as `key.call` was before it had guard stubs.
+pub const INDIRECT: Insn = [0x41, 0xff, 0x54, 0x23, 0x00];
+
 /// What a site's five bytes do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SiteInsn {
@@ -68,6 +83,8 @@ pub enum SiteInsn {
     Nop,
     /// `rax = 0` (a key that returns zero).
     Ret0,
+    /// `call qword ptr [r11]`: whatever the key in r11 holds (a megamorphic run-time site).
+    CallKey,
 }
 
 /// The one table of transforms: the bytes that make the site at `site` do `what`, or `None` if
@@ -78,6 +95,7 @@ pub fn encode(site: usize, what: SiteInsn) -> Option<Insn> {
         SiteInsn::Jmp(dest) => rel32(0xe9, site, dest),
         SiteInsn::Nop => Some(NOP5),
         SiteInsn::Ret0 => Some(RET0),
+        SiteInsn::CallKey => Some(INDIRECT),
     }
 }
 
@@ -91,15 +109,84 @@ fn rel32(opcode: u8, site: usize, dest: usize) -> Option<Insn> {
 /// Length of a near thunk (one per far target, see `thunks.rs`).
 pub const THUNK_LEN: usize = 16;
 
-/// A near thunk: the bytes that jump to `target` from anywhere, for sites whose `call rel32`
-/// cannot reach it. `jmp qword ptr [rip + 0]` (6 bytes) reads the absolute address stored right
-/// after it (8 bytes); two `int3` pad the thunk to 16 bytes, so that thunks never share a
-/// 16-byte fetch block and nothing falls through.
-pub fn thunk(target: usize) -> [u8; THUNK_LEN] {
+/// A near thunk at `at`: the bytes that jump to `target` from anywhere, for sites whose
+/// `call rel32` cannot reach it.
+///
+/// - Normally `jmp qword ptr [rip + 0]` (6 bytes), which reads the absolute address stored right
+///   after it (8 bytes), and two `int3`.
+/// - In a retpoline build (`retpoline` is the address of the retpoline thunk for r10), an
+///   indirect jump must not be written by hand: `mov r10, imm64` (10 bytes) and `jmp rel32` to
+///   the retpoline thunk (5 bytes), and one `int3`. r10 is neither an argument nor callee-saved,
+///   and the trampoline clobbers it too. `None` if the retpoline thunk is out of rel32 reach.
+///
+/// Either way 16 bytes, so that thunks never share a 16-byte fetch block and nothing falls
+/// through, and stack-neutral (the pool's fixed CFI describes it, see `code_pool.rs`).
+pub fn thunk(at: usize, target: usize, retpoline: Option<usize>) -> Option<[u8; THUNK_LEN]> {
     let mut t = [0xcc; THUNK_LEN];
-    t[..6].copy_from_slice(&[0xff, 0x25, 0, 0, 0, 0]);
-    t[6..14].copy_from_slice(&(target as u64).to_le_bytes());
-    t
+    match retpoline {
+        None => {
+            t[..6].copy_from_slice(&[0xff, 0x25, 0, 0, 0, 0]);
+            t[6..14].copy_from_slice(&(target as u64).to_le_bytes());
+        }
+        Some(thunk) => {
+            t[..2].copy_from_slice(&MOV_R10_IMM64);
+            t[2..10].copy_from_slice(&(target as u64).to_le_bytes());
+            t[10..15].copy_from_slice(&rel32(0xe9, at + 10, thunk)?);
+        }
+    }
+    Some(t)
+}
+
+/// `mov r10, imm64` (REX.W REX.B, B8+2), followed by the 8 bytes of the immediate.
+const MOV_R10_IMM64: [u8; 2] = [0x49, 0xba];
+/// `cmp qword ptr [r11], r10` (REX.W REX.R REX.B, 39 /r, ModRM 00 010 011).
+const CMP_KEY_R10: [u8; 3] = [0x4d, 0x39, 0x13];
+/// Length of one entry of a guard stub: `mov r10, imm64` (10), `cmp qword ptr [r11], r10` (3),
+/// `je rel32` (6).
+pub const GUARD_ENTRY_LEN: usize = 19;
+/// Length of a guard stub's miss path: `jmp rel32` to the run-time entry.
+pub const GUARD_MISS_LEN: usize = 5;
+/// Alignment (and size granule) of guard stubs and thunks in the code pool.
+pub const CODE_ALIGN: usize = 16;
+
+/// Bytes a guard stub of `entries` entries takes in the code pool.
+pub const fn guard_stub_len(entries: usize) -> usize {
+    (entries * GUARD_ENTRY_LEN + GUARD_MISS_LEN).next_multiple_of(CODE_ALIGN)
+}
+
+/// A guard stub at `at`, for a run-time site (`guard.rs`): for each `(target, dest)` of
+/// `entries`, in order, "if the key in r11 holds `target`, jump to `dest`" (the target itself,
+/// or its near thunk); if none matches, jump to `miss` (the run-time entry of the trampoline).
+///
+/// ```text
+///     mov  r10, T1                    49 BA imm64
+///     cmp  qword ptr [r11], r10       4D 39 13        the key's *current* target, read now
+///     je   dest1                      0F 84 rel32
+///     ...                             (one entry per target)
+///     jmp  miss                       E9 rel32
+///     int3 ...                        to a multiple of 16 bytes
+/// ```
+///
+/// Each entry compares the key's contents, never its address: the stub jumps to `target` only
+/// if the key holds `target` at that moment, whichever key r11 names (a static, one on the heap,
+/// one replaced in place, a freed key whose address was reused). It changes nothing but r10 and
+/// the flags, neither of which a call preserves, and never touches the stack. `None` if a `je`
+/// or the `jmp` does not reach its destination with a rel32.
+pub fn guard_stub(at: usize, entries: &[(usize, usize)], miss: usize) -> Option<Vec<u8>> {
+    let mut code = Vec::with_capacity(guard_stub_len(entries.len()));
+    for &(target, dest) in entries {
+        code.extend_from_slice(&MOV_R10_IMM64);
+        code.extend_from_slice(&(target as u64).to_le_bytes());
+        code.extend_from_slice(&CMP_KEY_R10);
+        // `je rel32` is 6 bytes (0F 84): the rel32 counts from its end.
+        let je_end = at + code.len() + 6;
+        let rel = i32::try_from((dest as i64).wrapping_sub(je_end as i64)).ok()?;
+        code.extend_from_slice(&[0x0f, 0x84]);
+        code.extend_from_slice(&rel.to_le_bytes());
+    }
+    code.extend_from_slice(&rel32(0xe9, at + code.len(), miss)?);
+    code.resize(guard_stub_len(entries.len()), 0xcc);
+    Some(code)
 }
 
 /// Whether a `call rel32` anywhere in `[lo, hi)` reaches every byte of `[to, to + len)`: the
@@ -250,6 +337,31 @@ pub fn prove_tail_site(code: &[u8], start: u64, entry: u64) -> Result<u64, Reaso
         proven = Some(key);
     }
     proven.ok_or(Reason::KeyNotProven)
+}
+
+/// Proves that the five bytes `code` at address `start` are an unpatched run-time site: exactly
+/// `call entry`, `entry` being the run-time entry of the trampoline, which only run-time sites
+/// call (and guard stubs jump to).
+///
+/// There is no key to prove: a run-time site's r11 is computed outside its asm block, so the
+/// site may see any key, and it is only ever written into a guard stub (which checks the key's
+/// contents on every call) or an indirect call through r11 (which reads them). What matters is
+/// the other direction: the static proof (`prove_site`) requires the static entry, so it never
+/// accepts a run-time site, even one that LLVM gave a `lea r11` of a static key right in front
+/// (two run-time keys' loads merged in front of one call).
+pub fn prove_run_time_site(code: &[u8], start: u64, entry: u64) -> Result<(), Reason> {
+    let call = decode_one(code, start).ok_or(Reason::NotASite)?;
+    if code.len() != INSN_LEN || call.code() != Code::Call_rel32_64 || call.near_branch64() != entry
+    {
+        return Err(Reason::NotASite);
+    }
+    Ok(())
+}
+
+/// Where the five bytes `insn` at `site` call, if they are a `call rel32`.
+pub fn call_destination(site: usize, insn: Insn) -> Option<usize> {
+    let call = decode_one(&insn, site as u64)?;
+    (call.code() == Code::Call_rel32_64).then(|| call.near_branch64() as usize)
 }
 
 /// If `bytes` (at address `ip`) are exactly `lea r11, [rip + disp32]` then NOPs to the end,
@@ -507,7 +619,7 @@ mod tests {
     fn a_thunk_is_one_rip_relative_jump_through_the_target_it_holds() {
         let target = 0x7f12_3456_789a_usize;
         let at = 0x5555_0000_1000_u64;
-        let t = thunk(target);
+        let t = thunk(at as usize, target, None).unwrap();
         let jmp = decode_one(&t[..6], at).expect("one 6-byte instruction");
         assert_eq!(jmp.code(), Code::Jmp_rm64);
         assert!(jmp.is_ip_rel_memory_operand());
@@ -521,6 +633,119 @@ mod tests {
             target as u64
         );
         assert_eq!(&t[14..], &[0xcc, 0xcc]);
+    }
+
+    #[test]
+    fn a_retpoline_thunk_loads_the_target_into_r10_and_jumps_to_the_retpoline() {
+        let (at, target, retpoline) = (
+            0x5555_0000_1000usize,
+            0x7f12_3456_789ausize,
+            0x5555_0000_0040,
+        );
+        let t = thunk(at, target, Some(retpoline)).unwrap();
+        let mut d = Decoder::with_ip(64, &t, at as u64, DecoderOptions::NONE);
+        let (mov, jmp) = (d.decode(), d.decode());
+        assert_eq!(mov.code(), Code::Mov_r64_imm64);
+        assert_eq!(
+            (mov.op0_register(), mov.immediate64()),
+            (Register::R10, target as u64)
+        );
+        assert_eq!(
+            (jmp.code(), jmp.near_branch64()),
+            (Code::Jmp_rel32_64, retpoline as u64)
+        );
+        assert_eq!(t[15], 0xcc);
+        assert_eq!(
+            thunk(at, target, Some(at + (3usize << 30))),
+            None,
+            "out of reach"
+        );
+    }
+
+    #[test]
+    fn a_guard_stub_compares_the_key_contents_for_each_entry_then_misses() {
+        let at = 0x5555_0000_2000usize;
+        let miss = 0x5555_0000_0100usize;
+        let entries = [
+            (0x5555_1111_0000usize, 0x5555_1111_0000usize),
+            (0x7f00_0000_1234, 0x5555_0000_3000),
+        ];
+        let code = guard_stub(at, &entries, miss).unwrap();
+        assert_eq!(code.len(), guard_stub_len(2));
+        assert_eq!(code.len() % CODE_ALIGN, 0);
+        let mut d = Decoder::with_ip(64, &code, at as u64, DecoderOptions::NONE);
+        for &(target, dest) in &entries {
+            let (mov, cmp, je) = (d.decode(), d.decode(), d.decode());
+            assert_eq!(
+                (mov.code(), mov.op0_register()),
+                (Code::Mov_r64_imm64, Register::R10)
+            );
+            assert_eq!(mov.immediate64(), target as u64);
+            assert_eq!(cmp.code(), Code::Cmp_rm64_r64);
+            assert_eq!(
+                (cmp.memory_base(), cmp.op1_register()),
+                (Register::R11, Register::R10)
+            );
+            assert_eq!(
+                (cmp.memory_displacement64(), cmp.memory_index()),
+                (0, Register::None)
+            );
+            assert_eq!(
+                (je.code(), je.near_branch64()),
+                (Code::Je_rel32_64, dest as u64)
+            );
+        }
+        let jmp = d.decode();
+        assert_eq!(
+            (jmp.code(), jmp.near_branch64()),
+            (Code::Jmp_rel32_64, miss as u64)
+        );
+        assert!(
+            code[2 * GUARD_ENTRY_LEN + GUARD_MISS_LEN..]
+                .iter()
+                .all(|&b| b == 0xcc)
+        );
+        assert_eq!(
+            guard_stub(at, &[(1, at + (3usize << 30))], miss),
+            None,
+            "out of reach"
+        );
+        assert_eq!(
+            [guard_stub_len(1), guard_stub_len(2), guard_stub_len(4)],
+            [32, 48, 96]
+        );
+    }
+
+    #[test]
+    fn indirect_is_one_five_byte_call_through_r11() {
+        let call = decode_one(&INDIRECT, 0x1000).expect("one instruction spanning all five bytes");
+        assert_eq!(call.code(), Code::Call_rm64);
+        assert_eq!(call.memory_base(), Register::R11);
+        assert_eq!(
+            (call.memory_index(), call.memory_displacement64()),
+            (Register::None, 0)
+        );
+        assert_eq!(encode(0x1000, SiteInsn::CallKey), Some(INDIRECT));
+    }
+
+    #[test]
+    fn a_run_time_site_is_a_call_of_the_run_time_entry_only() {
+        let (site, entry) = (0x50_0000usize, 0x40_0100u64);
+        let call = encode(site, SiteInsn::Call(entry as usize)).unwrap();
+        assert_eq!(prove_run_time_site(&call, site as u64, entry), Ok(()));
+        assert_eq!(
+            prove_run_time_site(&call, site as u64, entry + 1),
+            Err(Reason::NotASite)
+        );
+        let jmp = encode(site, SiteInsn::Jmp(entry as usize)).unwrap();
+        assert_eq!(
+            prove_run_time_site(&jmp, site as u64, entry),
+            Err(Reason::NotASite)
+        );
+        assert_eq!(
+            prove_run_time_site(&INDIRECT, site as u64, entry),
+            Err(Reason::NotASite)
+        );
     }
 
     #[test]

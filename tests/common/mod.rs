@@ -426,22 +426,243 @@ pub fn run_child(name: &str, env: &[(&str, &str)]) -> String {
 }
 
 /// Where the `call` or `jmp` (a tail site) at `site` ends up: its target, or, when that target is
-/// a near thunk (`jmp qword ptr [rip + 0]` followed by an address), the address the thunk jumps
-/// to. `None` if the bytes at `site` are neither a `call rel32` nor a `jmp rel32`.
+/// a near thunk, the address the thunk jumps to. `None` if the bytes at `site` are neither a
+/// `call rel32` nor a `jmp rel32`.
 pub fn call_destination(site: usize) -> Option<usize> {
     let insn = decode(site);
     let target = match insn.code() {
         Code::Call_rel32_64 | Code::Jmp_rel32_64 => insn.near_branch64() as usize,
         _ => return None,
     };
-    let jmp = decode(target);
+    Some(thunk_target(target).unwrap_or(target))
+}
+
+/// If the code at `at` is a near thunk, the address it jumps to. A thunk is `jmp qword ptr
+/// [rip + 0]` followed by the address; in a retpoline build, `mov r10, imm64` then `jmp` to the
+/// retpoline thunk for r10.
+pub fn thunk_target(at: usize) -> Option<usize> {
+    let jmp = decode(at);
     if jmp.code() == Code::Jmp_rm64
         && jmp.is_ip_rel_memory_operand()
-        && jmp.ip_rel_memory_address() == target as u64 + 6
+        && jmp.ip_rel_memory_address() == at as u64 + 6
     {
-        return Some(u64::from_le_bytes(read(target + 6, 8).try_into().unwrap()) as usize);
+        return Some(u64::from_le_bytes(read(at + 6, 8).try_into().unwrap()) as usize);
     }
-    Some(target)
+    let bytes = read(at, 15);
+    let mut d = Decoder::with_ip(64, &bytes, at as u64, DecoderOptions::NONE);
+    let (mov, jmp) = (d.decode(), d.decode());
+    (mov.code() == Code::Mov_r64_imm64
+        && mov.op0_register() == Register::R10
+        && jmp.code() == Code::Jmp_rel32_64
+        && jmp.near_branch64() as usize == retpoline_r10())
+    .then(|| mov.immediate64() as usize)
+}
+
+// --- run-time sites and guard stubs ----------------------------------------------------------
+
+/// The entry of run-time sites (`key.call_guarded`), where guard stubs go when they miss.
+pub fn run_time_entry() -> usize {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_os = "linux",
+        not(feature = "force-fallback")
+    ))]
+    return static_call::__private::run_time_trampoline as *const () as usize;
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_os = "linux",
+        not(feature = "force-fallback")
+    )))]
+    unreachable!("no run-time entry without patching")
+}
+
+/// The retpoline thunk for r10.
+pub fn retpoline_r10() -> usize {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_os = "linux",
+        not(feature = "force-fallback")
+    ))]
+    return static_call::__private::retpoline_r10 as *const () as usize;
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_os = "linux",
+        not(feature = "force-fallback")
+    )))]
+    unreachable!("no retpoline thunk without patching")
+}
+
+/// The megamorphic stub (what megamorphic run-time sites call in a retpoline build).
+pub fn megamorphic_stub() -> usize {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_os = "linux",
+        not(feature = "force-fallback")
+    ))]
+    return static_call::__private::megamorphic as *const () as usize;
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_os = "linux",
+        not(feature = "force-fallback")
+    )))]
+    unreachable!("no megamorphic stub without patching")
+}
+
+/// Every unpatched run-time site in the code at `func` (up to its first `ret`, at most `len`
+/// bytes): the address of each `call <run-time entry>`.
+pub fn run_time_sites_in(func: usize, len: usize) -> Vec<usize> {
+    let entry = run_time_entry() as u64;
+    let bytes = read(func, len);
+    let mut out = Vec::new();
+    for insn in Decoder::with_ip(64, &bytes, func as u64, DecoderOptions::NONE).iter() {
+        if insn.code() == Code::Call_rel32_64 && insn.near_branch64() == entry {
+            out.push(insn.ip() as usize);
+        }
+        if insn.mnemonic() == Mnemonic::Ret {
+            break;
+        }
+    }
+    out
+}
+
+/// A guard stub, decoded: for each entry, the target it compares the key's contents with and
+/// where its `je` goes (the target, or a near thunk), then where it goes on a miss.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stub {
+    pub entries: Vec<(usize, usize)>,
+    pub miss: usize,
+}
+
+impl Stub {
+    /// The targets, in the order they are compared.
+    pub fn targets(&self) -> Vec<usize> {
+        self.entries.iter().map(|e| e.0).collect()
+    }
+}
+
+/// Decodes the guard stub at `at`, checking every instruction: entries of exactly
+/// `mov r10, imm64; cmp qword ptr [r11], r10; je rel32`, then `jmp rel32`. `None` if the code
+/// there is anything else.
+pub fn decode_guard_stub(at: usize) -> Option<Stub> {
+    let bytes = read(at, 256);
+    let mut d = Decoder::with_ip(64, &bytes, at as u64, DecoderOptions::NONE);
+    let mut entries = Vec::new();
+    loop {
+        let first = d.decode();
+        if first.code() == Code::Jmp_rel32_64 {
+            return (!entries.is_empty()).then(|| Stub {
+                entries,
+                miss: first.near_branch64() as usize,
+            });
+        }
+        let (cmp, je) = (d.decode(), d.decode());
+        let ok = first.code() == Code::Mov_r64_imm64
+            && first.op0_register() == Register::R10
+            && cmp.code() == Code::Cmp_rm64_r64
+            && cmp.memory_base() == Register::R11
+            && cmp.memory_index() == Register::None
+            && cmp.memory_displacement64() == 0
+            && cmp.op1_register() == Register::R10
+            && je.code() == Code::Je_rel32_64;
+        if !ok {
+            return None;
+        }
+        entries.push((first.immediate64() as usize, je.near_branch64() as usize));
+    }
+}
+
+/// What a run-time site's five bytes make it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunTimeForm {
+    /// `call <run-time entry>`.
+    Home,
+    /// `call <guard stub>`.
+    Stub(Stub),
+    /// The indirect call through the key: `call qword ptr [r11]`, or in a retpoline build a call
+    /// of the megamorphic stub.
+    Megamorphic,
+}
+
+/// Decodes the run-time site at `site`; panics on bytes a run-time site never holds.
+#[track_caller]
+pub fn run_time_form(site: usize) -> RunTimeForm {
+    let insn = decode(site);
+    assert_eq!(
+        insn.len(),
+        5,
+        "a site is always one 5-byte instruction: {}",
+        format(&insn)
+    );
+    if insn.code() == Code::Call_rm64
+        && insn.memory_base() == Register::R11
+        && insn.memory_index() == Register::None
+        && insn.memory_displacement64() == 0
+    {
+        return RunTimeForm::Megamorphic;
+    }
+    assert_eq!(
+        insn.code(),
+        Code::Call_rel32_64,
+        "{site:#x}: `{}`",
+        format(&insn)
+    );
+    let to = insn.near_branch64() as usize;
+    if to == run_time_entry() {
+        return RunTimeForm::Home;
+    }
+    if to == megamorphic_stub() {
+        return RunTimeForm::Megamorphic;
+    }
+    let stub = decode_guard_stub(to).unwrap_or_else(|| {
+        panic!(
+            "{site:#x} calls {to:#x}, not a guard stub:\n{}",
+            disassemble(to, 64)
+        )
+    });
+    assert_eq!(
+        stub.miss,
+        run_time_entry(),
+        "a stub misses to the run-time entry"
+    );
+    for &(target, dest) in &stub.entries {
+        assert!(
+            dest == target || thunk_target(dest) == Some(target),
+            "{site:#x}: the stub's entry for {target:#x} jumps to {dest:#x}"
+        );
+    }
+    RunTimeForm::Stub(stub)
+}
+
+/// Checks that what `run_time_sites()` reports for the site at `site` is what its bytes are,
+/// and returns both.
+#[track_caller]
+pub fn run_time_state(site: usize) -> (static_call::SiteState, RunTimeForm) {
+    use static_call::SiteState;
+    let info = static_call::run_time_sites()
+        .into_iter()
+        .find(|s| s.address == site)
+        .unwrap_or_else(|| panic!("{site:#x} is not a registered run-time site"));
+    let form = run_time_form(site);
+    assert_eq!(
+        info.bytes,
+        Some(read(site, 5).try_into().unwrap()),
+        "{info:?}"
+    );
+    match (&info.state, &form) {
+        (SiteState::Pending | SiteState::Trampoline(_), RunTimeForm::Home) => {}
+        (SiteState::Monomorphic { target }, RunTimeForm::Stub(stub)) => {
+            assert_eq!(stub.targets(), [*target], "{info:?}")
+        }
+        (SiteState::Polymorphic { targets }, RunTimeForm::Stub(stub)) => {
+            assert!(
+                *targets > 1 && stub.entries.len() == *targets,
+                "{info:?} {stub:?}"
+            )
+        }
+        (SiteState::Megamorphic(_), RunTimeForm::Megamorphic) => {}
+        (state, form) => panic!("{site:#x}: reported {state:?}, but the bytes are {form:?}"),
+    }
+    (info.state, form)
 }
 
 /// Writes one byte of code the way a debugger does (through `/proc/self/mem`, which writes
