@@ -9,6 +9,9 @@
 //!   which cannot tail-call (an asm block cannot end its function): `call` + `ret`, and a push
 //!   and pop to align the stack;
 //! - `static_call_fn`: `static_call_fn!(fn w(x: u64) -> u64 = K)`, patched to `jmp inc`;
+//! - `static_rust_natural`: `fn w(x) { static_call!(R)(x) }` over a Rust key (`fn(u64) -> u64`,
+//!   target `inc_rust`): `static_call_fn!` takes `extern "C"` keys only (a naked function with
+//!   the Rust ABI is not stable), so this is what a Rust key's wrapper costs;
 //! - `atomic_ptr`: `fn w(x) { PTR.load()(x) }`: `mov rax, [PTR]; jmp rax`;
 //! - `dyn_trait`: `fn w(op: &dyn Op, x) { op.call(x) }`.
 //!
@@ -31,6 +34,13 @@ mod imp {
 
     define_static_call!(NATURAL: extern "C" fn(u64) -> u64 = inc);
     define_static_call!(TAIL: extern "C" fn(u64) -> u64 = inc);
+
+    /// The Rust-key target: `inc`'s body as a Rust function.
+    #[inline(never)]
+    fn inc_rust(x: u64) -> u64 {
+        x.wrapping_add(1)
+    }
+    define_static_call!(RUST: fn(u64) -> u64 = inc_rust);
 
     /// The `AtomicPtr` pattern, stored at run time (a static never stored to is folded into a
     /// constant, which would make the wrapper a direct jump).
@@ -58,6 +68,11 @@ mod imp {
     }
 
     static_call_fn!(fn w_tail(x: u64) -> u64 = TAIL);
+
+    #[inline(never)]
+    fn w_rust(x: u64) -> u64 {
+        static_call!(RUST)(x)
+    }
 
     #[inline(never)]
     extern "C" fn w_atomic(x: u64) -> u64 {
@@ -89,6 +104,7 @@ mod imp {
     chain!(run_direct, w_direct);
     chain!(run_natural, w_natural);
     chain!(run_tail, w_tail);
+    chain!(run_rust, w_rust);
     chain!(run_atomic, w_atomic);
 
     #[inline(never)]
@@ -109,12 +125,14 @@ mod imp {
         FPTR.store(black_box(inc as *const () as usize), Ordering::Relaxed);
         assert_eq!(run_natural(3, 0), 3);
         assert_eq!(run_tail(3, 0), 3);
+        assert_eq!(run_rust(3, 0), 3);
         assert_eq!(run_direct(3, 0), 3);
         assert_eq!(run_atomic(3, 0), 3);
         assert_eq!(run_dyn(3, 0, &IncOp), 3);
         static_call::flush();
         assert_all_patched("NATURAL", &NATURAL.sites());
         assert_all_patched("TAIL", &TAIL.sites());
+        assert_all_patched("RUST", &RUST.sites());
         // What each wrapper is, so that a reader of the numbers knows what was measured.
         let jmp = |f: usize| {
             let i = first_insn(f);
@@ -151,6 +169,9 @@ mod imp {
         });
         g.bench_function("static_call_fn", |b| {
             b.iter(|| run_tail(black_box(CHAIN), black_box(0)))
+        });
+        g.bench_function("static_rust_natural", |b| {
+            b.iter(|| run_rust(black_box(CHAIN), black_box(0)))
         });
         g.bench_function("atomic_ptr", |b| {
             b.iter(|| run_atomic(black_box(CHAIN), black_box(0)))

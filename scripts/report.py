@@ -347,20 +347,29 @@ def main():
         md.append("### Thin wrappers: `fn w(x) { dispatched(x) }`\n")
         md.append("Each wrapper is `#[inline(never)]` and called in a dependent chain "
                   "(benches/wrappers.rs).\n")
-        md.append("| wrapper body | machine code | ns per call | ÷ direct wrapper |")
-        md.append("|---|---|---:|---:|")
+        wr_retpoline = ns_per_call("wrapper", "direct", "retpoline") is not None
+        md.append("| wrapper body | machine code | ns per call | ÷ direct wrapper |"
+                  + (" retpoline build: ÷ direct wrapper |" if wr_retpoline else ""))
+        md.append("|---|---|---:|---:|" + ("---:|" if wr_retpoline else ""))
         for label, code, b in [
             ("`inc(x)` (direct)", "`jmp inc`", "direct"),
             ("`static_call!(K)(x)`, patched", "`push; lea r11; call inc; pop; ret`", "static_natural"),
             ("`static_call_fn!(fn w(x: u64) -> u64 = K)`, patched", "`lea r11; lea r10; jmp inc`",
              "static_call_fn"),
+            ("`static_call!(R)(x)` over a Rust key (`fn(u64) -> u64`), patched",
+             "`push; lea r11; call <adapter>; cmp rax, SENTINEL; je; pop; ret`", "static_rust_natural"),
             ("`AtomicPtr` load + call", "`mov rax, [PTR]; jmp rax`", "atomic_ptr"),
             ("`&dyn Trait`", "`jmp [vtable + 24]`", "dyn_trait"),
         ]:
             v = series("wrapper", b, rs)
             if v:
-                md.append(f"| {label} | {code} | {med(v):.2f} | "
-                          f"{fmt_ratio(ratios('wrapper', b, 'direct', rs))} |")
+                row = (f"| {label} | {code} | {med(v):.2f} | "
+                       f"{fmt_ratio(ratios('wrapper', b, 'direct', rs))} |")
+                if wr_retpoline:
+                    rv, rd = ns_per_call("wrapper", b, "retpoline"), ns_per_call(
+                        "wrapper", "direct", "retpoline")
+                    row += f" {rv / rd:.2f}× |" if rv and rd else " |"
+                md.append(row)
 
     if runs:
         def d(path, k="p50"):

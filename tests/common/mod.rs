@@ -231,7 +231,9 @@ pub fn disassemble(func: usize, len: usize) -> String {
     let mut out = String::new();
     for insn in Decoder::with_ip(64, &bytes, func as u64, DecoderOptions::NONE).iter() {
         out += &format!("{:x}: {}\n", insn.ip(), format(&insn));
-        if insn.mnemonic() == Mnemonic::Ret {
+        let indirect_jmp =
+            insn.mnemonic() == Mnemonic::Jmp && insn.op0_kind() != OpKind::NearBranch64;
+        if matches!(insn.mnemonic(), Mnemonic::Ret | Mnemonic::Int3) || indirect_jmp {
             break;
         }
     }
@@ -508,8 +510,10 @@ pub fn megamorphic_stub() -> usize {
     unreachable!("no megamorphic stub without patching")
 }
 
-/// Every unpatched run-time site in the code at `func` (up to its first `ret`, at most `len`
-/// bytes): the address of each `call <run-time entry>`.
+/// Every unpatched run-time site in the code at `func` (up to its first `ret`, indirect `jmp`
+/// (a tail call through a pointer, which is how `key.call` may end at opt-level z) or `int3`
+/// (padding after the function), at most `len` bytes): the address of each
+/// `call <run-time entry>`.
 pub fn run_time_sites_in(func: usize, len: usize) -> Vec<usize> {
     let entry = run_time_entry() as u64;
     let bytes = read(func, len);
@@ -518,7 +522,9 @@ pub fn run_time_sites_in(func: usize, len: usize) -> Vec<usize> {
         if insn.code() == Code::Call_rel32_64 && insn.near_branch64() == entry {
             out.push(insn.ip() as usize);
         }
-        if insn.mnemonic() == Mnemonic::Ret {
+        let indirect_jmp =
+            insn.mnemonic() == Mnemonic::Jmp && insn.op0_kind() != OpKind::NearBranch64;
+        if matches!(insn.mnemonic(), Mnemonic::Ret | Mnemonic::Int3) || indirect_jmp {
             break;
         }
     }
@@ -749,7 +755,9 @@ pub fn branch_sites_in(func: usize, len: usize, key: usize) -> Vec<BranchBytes> 
         {
             out.push(b);
         }
-        if insn.mnemonic() == Mnemonic::Ret {
+        let indirect_jmp =
+            insn.mnemonic() == Mnemonic::Jmp && insn.op0_kind() != OpKind::NearBranch64;
+        if matches!(insn.mnemonic(), Mnemonic::Ret | Mnemonic::Int3) || indirect_jmp {
             break;
         }
     }
