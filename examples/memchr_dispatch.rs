@@ -11,7 +11,12 @@
 //!    only match is the last byte: `memchr::memchr` itself (its own dispatch: a function pointer
 //!    it loads and calls), the static call to each target in turn (switched with `update` at run
 //!    time), and an `AtomicPtr<fn>` holding the best target (what a user would write without
-//!    this crate).
+//!    this crate);
+//! 4. the same search through `memchr_raw`, a public wrapper written with `static_call_fn!` over
+//!    a C-ABI key (`unsafe extern "C" fn(u8, *const u8, usize) -> isize`): the one form of
+//!    memchr's signature a tail-call wrapper can take (naked functions need a non-Rust ABI), so
+//!    once patched its body is a single `jmp` to the searcher, with no adapter. The safe `find`
+//!    over it is `#[inline]`, so a caller's only call is the wrapper's.
 //!
 //! The AVX2 targets are `#[target_feature(enable = "avx2")]` functions, which `update` cannot take
 //! (they are not `Fn`: calling one is only sound on a CPU with AVX2). `target_feature!` checks the
@@ -29,7 +34,7 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::time::Instant;
 
-use static_call::{Adapter, SiteState, define_static_call, static_call};
+use static_call::{Adapter, SiteState, define_static_call, static_call, static_call_fn};
 
 // Keys with memchr's own signatures.
 define_static_call!(
@@ -44,6 +49,84 @@ define_static_call!(
     /// `memchr::memchr2`: the first position of either of two bytes.
     pub MEMCHR2: fn(u8, u8, &[u8]) -> Option<usize> = scalar::memchr2
 );
+
+// The C-ABI form of `memchr` (pointer and length; -1 for no match), and its public wrapper: a
+// naked function whose whole body is the site, patched into `jmp <target>`.
+define_static_call!(
+    /// `memchr` over a pointer and a length, for the tail-call wrapper `memchr_raw`.
+    pub MEMCHR_RAW: unsafe extern "C" fn(u8, *const u8, usize) -> isize = raw::memchr_scalar
+);
+static_call_fn!(
+    /// The first position of `n` in the `len` bytes at `p`, or -1.
+    ///
+    /// # Safety
+    /// `p` must be valid for reads of `len` bytes.
+    pub unsafe fn memchr_raw(n: u8, p: *const u8, len: usize) -> isize = MEMCHR_RAW
+);
+
+/// The safe API over `memchr_raw`; inlined, so the only call left is the wrapper's `jmp`.
+#[inline]
+pub fn find(n: u8, hay: &[u8]) -> Option<usize> {
+    // SAFETY: a slice is valid for reads of its length.
+    let r = unsafe { memchr_raw(n, hay.as_ptr(), hay.len()) };
+    usize::try_from(r).ok()
+}
+
+mod raw {
+    //! The C-ABI targets of `MEMCHR_RAW`. An `unsafe extern "C" fn` key can hold an AVX2
+    //! function directly (no adapter): installing it is the caller's promise that the CPU has
+    //! AVX2, which `main` checks first.
+
+    fn to_isize(r: Option<usize>) -> isize {
+        r.map_or(-1, |i| i as isize)
+    }
+
+    /// # Safety
+    /// `p` must be valid for reads of `len` bytes.
+    pub unsafe extern "C" fn memchr_scalar(n: u8, p: *const u8, len: usize) -> isize {
+        // SAFETY: by the caller's promise.
+        let hay = unsafe { core::slice::from_raw_parts(p, len) };
+        to_isize(super::scalar::memchr(n, hay))
+    }
+
+    /// # Safety
+    /// As for `memchr_scalar`, on a CPU with AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    pub unsafe extern "C" fn memchr_avx2(n: u8, p: *const u8, len: usize) -> isize {
+        // SAFETY: by the caller's promise.
+        let hay = unsafe { core::slice::from_raw_parts(p, len) };
+        to_isize(super::x86::memchr_avx2(n, hay))
+    }
+
+    /// # Safety
+    /// As for `memchr_scalar`.
+    #[cfg(target_arch = "x86_64")]
+    pub unsafe extern "C" fn memchr_sse2(n: u8, p: *const u8, len: usize) -> isize {
+        // SAFETY: by the caller's promise.
+        let hay = unsafe { core::slice::from_raw_parts(p, len) };
+        to_isize(super::x86::memchr_sse2(n, hay))
+    }
+
+    /// Installs the best C-ABI target this CPU has; returns its name.
+    pub fn install_best() -> &'static str {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") {
+                // `memchr_avx2` runs only where AVX2 is available: checked just above.
+                super::MEMCHR_RAW.update(memchr_avx2);
+                return "avx2";
+            }
+            super::MEMCHR_RAW.update(memchr_sse2);
+            "sse2"
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            super::MEMCHR_RAW.update(memchr_scalar);
+            "scalar"
+        }
+    }
+}
 
 mod scalar {
     //! The portable targets: plain loops.
@@ -219,6 +302,10 @@ fn loop_static(hay: &[u8]) -> usize {
 fn loop_pointer(hay: &[u8]) -> usize {
     chain(hay, memchr_through_pointer)
 }
+#[inline(never)]
+fn loop_tail_wrapper(hay: &[u8]) -> usize {
+    chain(hay, find)
+}
 
 #[inline(always)]
 fn chain(hay: &[u8], find: impl Fn(u8, &[u8]) -> Option<usize>) -> usize {
@@ -229,6 +316,14 @@ fn chain(hay: &[u8], find: impl Fn(u8, &[u8]) -> Option<usize>) -> usize {
         acc = acc.wrapping_add(r.unwrap_or(0));
     }
     acc
+}
+
+/// Adds `ratio` to the row called `name`, made on first use (rows keep their first order).
+fn push(rows: &mut Vec<(String, Vec<f64>)>, name: String, ratio: f64) {
+    match rows.iter_mut().find(|(n, _)| *n == name) {
+        Some(row) => row.1.push(ratio),
+        None => rows.push((name, vec![ratio])),
+    }
 }
 
 /// Nanoseconds per search of each loop, best of five rounds taken in turns.
@@ -290,7 +385,7 @@ fn main() {
     // with `update`; then the AtomicPtr to the best target.
     let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
     let mut base = Vec::new();
-    for (i, len) in sizes.into_iter().enumerate() {
+    for len in sizes {
         let mut hay = text[..len].to_vec();
         hay[len - 1] = b'z';
         hay[..len - 1].iter_mut().for_each(|b| {
@@ -304,23 +399,31 @@ fn main() {
             loop_static(&hay[..1]);
             static_call::flush();
             let t = ns_per_search(&hay, &[loop_memchr, loop_static]);
-            if i == 0 {
-                rows.push((format!("static call -> {}", set.name), Vec::new()));
-            }
-            let row = rows
-                .iter_mut()
-                .find(|(n, _)| n.ends_with(set.name))
-                .unwrap();
             // Scaled to memchr::memchr timed in the same round.
-            row.1.push(t[1] / t[0]);
+            push(
+                &mut rows,
+                format!("static call -> {}", set.name),
+                t[1] / t[0],
+            );
         }
         (best.install)();
         let t = ns_per_search(&hay, &[loop_memchr, loop_pointer]);
         base.push(t[0]);
-        if i == 0 {
-            rows.push((format!("AtomicPtr<fn> -> {}", best.name), Vec::new()));
-        }
-        rows.last_mut().unwrap().1.push(t[1] / t[0]);
+        push(
+            &mut rows,
+            format!("AtomicPtr<fn> -> {}", best.name),
+            t[1] / t[0],
+        );
+        // The tail-call wrapper over the C-ABI key, holding the best searcher itself.
+        let raw_best = raw::install_best();
+        loop_tail_wrapper(&hay[..1]);
+        static_call::flush();
+        let t = ns_per_search(&hay, &[loop_memchr, loop_tail_wrapper]);
+        push(
+            &mut rows,
+            format!("static_call_fn! memchr_raw -> {raw_best}"),
+            t[1] / t[0],
+        );
     }
     print!("   {:<34}", "memchr::memchr (its own dispatch)");
     for ns in &base {
@@ -345,6 +448,17 @@ fn main() {
          rewrote them all before returning.",
         sites.len()
     );
+    let tail = MEMCHR_RAW.sites();
+    println!(
+        "   memchr_raw's body (a tail site): {:?}, so `find` is a `jmp` to the searcher.",
+        tail.first().map(|s| s.state)
+    );
+    if patching.is_ok() {
+        assert!(
+            tail.iter().all(|s| s.state == SiteState::Patched),
+            "the wrapper's site is patched: {tail:?}"
+        );
+    }
     println!(
         "\n   memchr::memchr loads a function pointer and calls it on every search; a static call\n   \
          to one of its searchers is a direct call of an adapter that calls the searcher. In a\n   \

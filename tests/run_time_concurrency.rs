@@ -11,9 +11,11 @@
 //! a later one; when the epoch did not move during the call, that leaves two of the three, and
 //! reaching the third is a stale call. The updater pauses between batches so that stubs get hit
 //! too (long pauses at first, while the sites still have changes to spend, then short ones), and
-//! samples the sites' states, which must include every state.
+//! samples the sites' states, which must include every state (all of them are there once before
+//! the first update, when each site has settled for the keys it sees).
 //!
-//! Bounded: runs for `RUN_MS` milliseconds (`STATIC_CALL_STRESS_MS` overrides).
+//! Bounded: runs for `RUN_MS` milliseconds (`STATIC_CALL_STRESS_MS` overrides), after at most
+//! `SETTLE` for the sites to settle.
 
 mod common;
 
@@ -32,6 +34,8 @@ const SITE_KEYS: [usize; 4] = [1, 2, 3, 16];
 const SLOW_PAUSE: Duration = Duration::from_millis(20);
 const SLOW_BATCHES: u64 = 20;
 const PAUSE: Duration = Duration::from_micros(500);
+/// Longest wait for every site to settle before the first update.
+const SETTLE: Duration = Duration::from_secs(5);
 
 type Key = StaticCall<extern "C" fn(u64) -> u64>;
 
@@ -132,7 +136,6 @@ fn no_call_after_update_returns_reaches_an_older_target_in_any_state() {
     } else {
         Vec::new()
     };
-    let deadline = Instant::now() + run_for();
     let mut seen = BTreeSet::new();
     let updates = std::thread::scope(|s| {
         let callers: Vec<_> = (0..CALLERS as u64)
@@ -149,6 +152,28 @@ fn no_call_after_update_returns_reaches_an_older_target_in_any_state() {
             }
         }
         let stop = StopOnDrop;
+        // Before the first update every site settles in the state its keys give it (1 key:
+        // monomorphic; 2 or 3: a chain; 16: megamorphic), so that every state is seen however
+        // the scheduler runs what follows: later samples, under load, may miss a short-lived
+        // state. Bounded by SETTLE.
+        let settle = Instant::now() + SETTLE;
+        while common::patching() && Instant::now() < settle {
+            static_call::flush();
+            let settled: Vec<_> = static_call::run_time_sites()
+                .into_iter()
+                .filter(|info| sites.contains(&info.address))
+                .filter(|info| state_name(&info.state) != "trampoline")
+                .collect();
+            if settled.len() == sites.len() {
+                for info in &settled {
+                    common::run_time_state(info.address);
+                    seen.insert(state_name(&info.state));
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let deadline = Instant::now() + run_for();
         let mut k = 0u64;
         while Instant::now() < deadline {
             k += 1;
