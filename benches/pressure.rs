@@ -16,10 +16,18 @@
 //! program that chose its functions at start-up: what is measured is the cost of holding that
 //! many targets in the branch predictor and that much code in the instruction cache.
 
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[cfg(all(
+    target_arch = "x86_64",
+    target_os = "linux",
+    not(feature = "force-fallback")
+))]
 mod common;
 
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[cfg(all(
+    target_arch = "x86_64",
+    target_os = "linux",
+    not(feature = "force-fallback")
+))]
 mod imp {
     use crate::common::assert_all_patched;
     use core::hint::black_box;
@@ -439,16 +447,28 @@ mod imp {
     }
 }
 
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[cfg(all(
+    target_arch = "x86_64",
+    target_os = "linux",
+    not(feature = "force-fallback")
+))]
 criterion::criterion_group! {
     name = pressure;
     config = common::criterion_config();
     targets = imp::benches
 }
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[cfg(all(
+    target_arch = "x86_64",
+    target_os = "linux",
+    not(feature = "force-fallback")
+))]
 criterion::criterion_main!(pressure);
 
-#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+#[cfg(not(all(
+    target_arch = "x86_64",
+    target_os = "linux",
+    not(feature = "force-fallback")
+)))]
 fn main() {
     eprintln!("static-call benches measure x86-64 Linux only");
 }

@@ -18,10 +18,18 @@
 //! (`-C target-feature=+retpoline-indirect-calls,+retpoline-indirect-branches`), where every
 //! indirect call goes through a retpoline thunk.
 
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[cfg(all(
+    target_arch = "x86_64",
+    target_os = "linux",
+    not(feature = "force-fallback")
+))]
 mod common;
 
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[cfg(all(
+    target_arch = "x86_64",
+    target_os = "linux",
+    not(feature = "force-fallback")
+))]
 mod imp {
     use crate::common::{CHAIN, assert_all_patched, inc};
     use core::hint::black_box;
@@ -291,16 +299,28 @@ mod imp {
     }
 }
 
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[cfg(all(
+    target_arch = "x86_64",
+    target_os = "linux",
+    not(feature = "force-fallback")
+))]
 criterion::criterion_group! {
     name = run_time;
     config = common::criterion_config();
     targets = imp::benches
 }
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[cfg(all(
+    target_arch = "x86_64",
+    target_os = "linux",
+    not(feature = "force-fallback")
+))]
 criterion::criterion_main!(run_time);
 
-#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+#[cfg(not(all(
+    target_arch = "x86_64",
+    target_os = "linux",
+    not(feature = "force-fallback")
+)))]
 fn main() {
     eprintln!("static-call benches measure x86-64 Linux only");
 }

@@ -401,7 +401,7 @@ unsafe fn read_images2<T>(r: [MaybeUninit<u64>; 2]) -> T {
     unsafe { r.as_ptr().cast::<T>().read_unaligned() }
 }
 
-/// What every adapter returns: a result's bytes in rax:rdx, or [`SENTINEL`] in rax after a
+/// What every adapter returns: a result's bytes in rax:rdx, or `SENTINEL` in rax after a
 /// panic. `#[repr(C)]` with two 8-byte integer-class fields: System V returns it in rax:rdx.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -522,7 +522,7 @@ fn stash(payload: Box<dyn core::any::Any + Send>) {
     }
 }
 
-/// Called by a site that saw [`SENTINEL`]: resumes the panic its adapter caught, if any, and
+/// Called by a site that saw `SENTINEL`: resumes the panic its adapter caught, if any, and
 /// otherwise returns the result's images as they were (a result that happened to look like the
 /// sentinel).
 #[cold]
@@ -540,7 +540,7 @@ pub fn resume_if_panicked(images: Images) -> Images {
 ///
 /// # Safety
 /// `__adapt` must take the arguments as a site of this signature passes them (`Cursor`), call
-/// `f` with them and return its result with [`run`]; `Fn` and `Callee` must be the key's
+/// `f` with them and return its result with `run`; `Fn` and `Callee` must be the key's
 /// function-pointer type and the same signature as an `unsafe fn` of the same ABI.
 pub unsafe trait RustSig: Sync + 'static {
     /// The key's function-pointer type (`fn(..) -> R`, `unsafe fn`, `extern "C-unwind" fn`...).
@@ -646,7 +646,7 @@ pub extern "C" fn zero_adapter() -> Images {
 }
 
 /// What a Rust key's sites call for a function-pointer target: loads the pointer from the key
-/// (at offset 16, [`RUST_WORD_OFFSET`](crate::rust_key::RUST_WORD_OFFSET)) into r9 and jumps to
+/// (at offset 16, `rust_key::RUST_WORD_OFFSET`) into r9 and jumps to
 /// `pointer_adapter::<K>`. Every target is entered with its key's address in r11
 /// (`tests/patching.rs::targets_are_entered_with_the_key_in_r11`); r9 carries no argument of a
 /// Rust key.

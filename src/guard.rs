@@ -67,6 +67,7 @@ pub(crate) use patching::*;
 
 /// Whether `key.call(args)` is a guarded run-time site in this build (`build.rs`:
 /// `cfg(static_call_guards)`), rather than a plain indirect call.
+#[cfg_attr(not(static_call_patching), allow(dead_code))] // (`status()` says false there)
 pub(crate) const GUARDS: bool = cfg!(static_call_guards);
 
 /// `key.call`'s body when the build makes it a guarded site (`cfg(static_call_guards)`), else a

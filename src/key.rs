@@ -137,9 +137,19 @@ impl RawKey {
 
     /// Sets the target: `set_mode`, then `set_func`. Under the patch lock (or in the fallback,
     /// where there are no sites).
+    ///
+    /// In the order `kinds::phase` gives the patcher, for code that reads the key itself (the
+    /// portable fallback, sites before the runtime exists): the function first when the key's
+    /// branches go on, the mode first otherwise. So a hook branch that reads "on" (Acquire)
+    /// always finds the function it guards, never the zero function of a key without a target.
     pub(crate) fn set_target(&self, target: RawTarget) {
-        self.set_mode(target);
-        self.set_func(target);
+        if !self.target().branch_on() && target.branch_on() {
+            self.set_func(target);
+            self.set_mode(target);
+        } else {
+            self.set_mode(target);
+            self.set_func(target);
+        }
     }
 
     /// Sets the part of the target that branch sites read (and `target()` reports): its mode.

@@ -4,6 +4,11 @@
 //! trampoline entries, near thunks, the megamorphic stub, guard stubs and their miss path. In a
 //! normal build, the same code is checked to be the plain form (`jmp r10`, `jmp [rip]`, `call
 //! [r11]`), so that the test tells the builds apart. `.ci/run` runs it in both.
+#![cfg(all(
+    target_arch = "x86_64",
+    target_os = "linux",
+    not(feature = "force-fallback")
+))]
 
 mod common;
 

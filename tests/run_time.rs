@@ -9,6 +9,11 @@
 //! Each test uses its own sites (and, where it changes them, its own keys): tests run in
 //! parallel in one process and share the patcher. Site states change only at `flush()` here (the
 //! worker may settle a site earlier, never differently).
+#![cfg(all(
+    target_arch = "x86_64",
+    target_os = "linux",
+    not(feature = "force-fallback")
+))]
 
 mod common;
 

@@ -222,6 +222,7 @@ fn gdb_backtraces_walk_through_every_instruction_of_a_guard_stub() {
 // starts. (gdb, above, unwinds a stack-neutral stub even without CFI, by its own heuristics:
 // this is the check that needs the CFI.)
 
+#[cfg(not(feature = "force-fallback"))]
 #[repr(C)]
 struct DwarfEhBases {
     tbase: *const u8,
@@ -229,11 +230,13 @@ struct DwarfEhBases {
     func: *const u8,
 }
 
+#[cfg(not(feature = "force-fallback"))]
 unsafe extern "C" {
     fn _Unwind_Find_FDE(pc: *const u8, bases: *mut DwarfEhBases) -> *const u8;
 }
 
 /// The start of the code described by the FDE covering `pc`, if there is one.
+#[cfg(not(feature = "force-fallback"))]
 fn fde_start(pc: usize) -> Option<usize> {
     let mut bases = DwarfEhBases {
         tbase: core::ptr::null(),
@@ -247,6 +250,7 @@ fn fde_start(pc: usize) -> Option<usize> {
 }
 
 #[test]
+#[cfg(not(feature = "force-fallback"))] // (the fallback has no code pool)
 fn one_fde_covers_the_whole_code_pool_reserve_where_stubs_and_thunks_live() {
     if !common::patching() {
         return;
