@@ -7,7 +7,7 @@
 //! | kind | entry it calls | home | proof (`arch::x86_64`) | for `f` / null / return-zero |
 //! |---|---|---|---|---|
 //! | `Call`: `static_call!(KEY)(..)` | `static_call_trampoline_v*` | `call <entry>` | `prove_site`: `lea r11, [rip + KEY]`, NOPs, `call <entry>` | `call f` (or its thunk) / NOP5 / RET0 |
-//! | `Tail`: `static_call_fn!` | `static_call_tail_trampoline_v*` | `jmp <entry>` | `prove_tail_site`: `lea r11, [rip + KEY]`, `lea r10, [rip + site]`, NOPs, `jmp <entry>`, `ret` | `jmp f` (or its thunk) / NOP5 / RET0, each followed by the `ret` |
+//! | `Tail`: `static_call_fn!` | `static_call_tail_trampoline_v*`, from the site's binding | `jmp <binding>` (site + 6) | `prove_tail_site`: `jmp <binding>`, `ret`, then the binding `lea r11, [rip + KEY]`, `lea r10, [rip + site]`, `jmp <entry>` | `jmp f` (or its thunk) / NOP5 / RET0, each followed by the `ret` |
 //! | `Branch`: `static_branch!(KEY)`, `has_target!(KEY)` | `static_call_branch_v*`, from the site's stub | `jmp <stub>` | `prove_branch`: `jmp <stub>`, the stub's exact template (`lea r11, [rip + KEY]`, `call <entry>`, `jcc LABEL`, `jmp site + 5`) | on: `jmp LABEL` / off: NOP5 (swapped for likely-true sites); on = `RawTarget::branch_on` |
 //! | `RunTime`: `key.call(..)`, `key.call_guarded(..)` | `static_call_run_time_trampoline_v*` | `call <entry>` | `prove_run_time_site`: `call <entry>`, and nothing about a key | not by target: `call <guard stub>` or the indirect call `call [r11]` (`guard.rs`) |
 //!
@@ -25,7 +25,7 @@
 //! it rewritten, it is in no key's list, and `update` never touches it.
 
 use crate::arch::x86_64::{
-    self as arch, Insn, PROLOGUE, STUB_LEN, SiteInsn, SiteWord, TAIL_CODE, TAIL_PROLOGUE, WORD,
+    self as arch, Insn, PROLOGUE, STUB_LEN, SiteInsn, SiteWord, TAIL_BINDING, TAIL_CODE, WORD,
 };
 use crate::diagnostics::{Disabled, Reason};
 use crate::key::{RawKey, RawTarget};
@@ -78,7 +78,7 @@ pub(crate) struct Proof {
 pub(crate) fn home(rt: &Runtime, kind: Kind, site: usize, aux: [u64; 2]) -> Insn {
     let what = match kind {
         Kind::Call => SiteInsn::Call(rt.trampoline),
-        Kind::Tail => SiteInsn::Jmp(rt.tail_trampoline),
+        Kind::Tail => SiteInsn::Jmp(site + TAIL_BINDING),
         Kind::Branch => SiteInsn::Jmp((aux[0] & !LIKELY_TRUE) as usize),
         Kind::RunTime => SiteInsn::Call(rt.run_time_trampoline),
     };
@@ -186,17 +186,12 @@ fn prove_call(rt: &Runtime, site: usize, key: &RawKey) -> Result<Proof, Reason> 
     })
 }
 
-/// The proof for a tail site: `lea r11, [rip + key]`, `lea r10, [rip + site]`, NOP padding,
-/// `jmp <tail entry>` inside one aligned quadword, and `ret`.
+/// The proof for a tail site: `jmp` to its binding inside one aligned quadword, `ret`, then the
+/// binding: `lea r11, [rip + key]`, `lea r10, [rip + site]`, `jmp <tail entry>`.
 fn prove_tail(rt: &Runtime, site: usize, key: &RawKey) -> Result<Proof, Reason> {
-    read_and_prove(
-        rt,
-        site,
-        key,
-        TAIL_PROLOGUE,
-        arch::INSN_LEN + 1,
-        |code, start| arch::prove_tail_site(code, start, rt.tail_trampoline as u64),
-    )
+    read_and_prove(rt, site, key, 0, TAIL_CODE, |code, start| {
+        arch::prove_tail_site(code, start, rt.tail_trampoline as u64)
+    })
 }
 
 /// The proof for a run-time site: its five bytes, read from our own code, are `call <run-time

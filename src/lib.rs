@@ -369,9 +369,9 @@ pub mod __private {
     pub fn prove_tail_site(code: &[u8], start: u64, entry: u64) -> Result<u64, crate::Reason> {
         crate::arch::x86_64::prove_tail_site(code, start, entry)
     }
-    /// Bytes before a tail site's `jmp` that `prove_tail_site` reads.
+    /// Bytes of a tail site, from the site, that `prove_tail_site` reads.
     #[cfg(static_call_patching)]
-    pub const TAIL_PROLOGUE: usize = crate::arch::x86_64::TAIL_PROLOGUE;
+    pub const TAIL_CODE: usize = crate::arch::x86_64::TAIL_CODE;
 
     /// The run-time-site verifier, for property tests: see `arch::x86_64::prove_run_time_site`.
     #[cfg(static_call_patching)]

@@ -134,15 +134,20 @@ macro_rules! __tail_fn_body {
         #[unsafe(naked)]
         #[allow(improper_ctypes_definitions)]
         $vis $($unsafe)? extern "C" fn $name<$($lt),*>($($arg : $ty),*) $(-> $ret)? {
-            // The layout `arch::prove_tail_site` proves: the key's `lea`, the site's own address
-            // for the tail entry, padding so that the `jmp` lies in one aligned quadword, and
-            // the `ret` that a NOP or `xor eax, eax` in its place falls through to.
+            // The layout `arch::prove_tail_site` proves: the site first (after at most 4 bytes
+            // of padding, so that it lies in one aligned quadword), a `jmp rel32` to the binding
+            // right after the `ret` (spelled out: the assembler would pick a 2-byte jmp), then
+            // the `ret` that a NOP or `xor eax, eax` in its place falls through to, then the
+            // binding the tail entry needs: the key in r11, the site's address in r10. Patched,
+            // the wrapper's whole path is the site's `jmp f`.
             ::core::arch::naked_asm!(
-                "lea r11, [rip + {key} + {off}]",
-                "lea r10, [rip + 2f]",
                 ".p2align 3,,4",
-                "2: jmp {tail}",
+                "2: .byte 0xe9",
+                ".long 3f - 2b - 5",
                 "ret",
+                "3: lea r11, [rip + {key} + {off}]",
+                "lea r10, [rip + 2b]",
+                "jmp {tail}",
                 key = sym $($base)+,
                 off = const $crate::__static_call_offset!([$($base)+] [$($key)+]),
                 tail = sym $crate::__private::tail_trampoline,

@@ -250,7 +250,7 @@ fn patched_bytes(b: &common::BranchBytes, on: bool) -> Vec<u8> {
 }
 
 /// Whether the site is at its home: a call site calling the trampoline, a tail site jumping to
-/// the tail entry, a branch site jumping to its stub.
+/// its binding (whose `jmp` goes to the tail entry), a branch site jumping to its stub.
 fn at_home(site: usize) -> bool {
     let insn = common::decode(site);
     let to = insn.near_branch64() as usize;
@@ -258,7 +258,10 @@ fn at_home(site: usize) -> bool {
         (Some(b), iced_x86::Code::Jmp_rel32_64) => to == b.stub,
         (Some(_), _) => false,
         (None, iced_x86::Code::Call_rel32_64) => to == trampoline(),
-        (None, iced_x86::Code::Jmp_rel32_64) => to == common::tail_entry(),
+        (None, iced_x86::Code::Jmp_rel32_64) => {
+            to == site + common::TAIL_BINDING
+                && common::decode(to + 14).near_branch64() as usize == common::tail_entry()
+        }
         (None, _) => false,
     }
 }

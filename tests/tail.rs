@@ -1,6 +1,8 @@
-//! Tail sites (`static_call_fn!`), proven on the bytes: a wrapper is `lea r11, [rip + KEY]`,
-//! `lea r10, [rip + site]`, padding, `jmp <tail entry>` and `ret`; once patched, the `jmp` goes
-//! to the target (or its thunk), and it follows `update`, null and return-zero keys.
+//! Tail sites (`static_call_fn!`), proven on the bytes: a wrapper is (after at most 4 bytes of
+//! padding) the site, `jmp <binding>`, then `ret`, then the binding `lea r11, [rip + KEY]`, `lea
+//! r10, [rip + site]`, `jmp <tail entry>`; once patched, the site's `jmp` goes to the target (or
+//! its thunk), so the wrapper's whole path is one `jmp`, and it follows `update`, null and
+//! return-zero keys.
 //!
 //! Each test uses its own keys: tests run in parallel in one process and share the patcher.
 
@@ -36,14 +38,14 @@ static_call_fn!(
 );
 
 #[test]
-fn a_wrapper_jumps_to_the_tail_entry_then_to_its_target() {
+fn a_wrapper_jumps_to_its_binding_then_straight_to_its_target() {
     if !patching() {
         assert_eq!(first(1), 2);
         return;
     }
     let f = addr(black_box(first as extern "C" fn(u64) -> u64));
     let site = tail_site(f);
-    assert_jumps(site, common::tail_entry(), "the tail entry");
+    common::assert_tail_home(site);
     assert_eq!(site_and_ret(site).1, RET, "the ret after the jmp");
     assert!(site % 8 + 5 <= 8, "the jmp lies in one aligned quadword");
     assert!(

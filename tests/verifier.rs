@@ -759,15 +759,17 @@ fn lea_swallowed_by_an_earlier_instruction_proves_nothing() {
 // Tail sites (`static_call_fn!`): the same property for `prove_tail_site`, with an oracle of its
 // own, and neither proof accepting the other kind's site.
 //
-// A tail site is `lea r11, [rip + key]`, `lea r10, [rip + J]` (J: the address of the jmp), NOPs
-// (0..=4 bytes), `E9 rel32` to exactly the tail entry at J, then `C3`; exactly one padding
-// length may decode.
+// A tail site is the wrapper's first instruction: `E9 01 00 00 00` (jmp to its binding, 6 bytes
+// on), `C3`, then the binding `lea r11, [rip + key]`, `lea r10, [rip + S]` (S: the site itself)
+// and `E9 rel32` to exactly the tail entry.
 
-/// Bytes before the jmp: two `lea`s and the most padding.
-const TPRO: usize = 2 * LEA_LEN + MAX_PAD;
-const _: () = assert!(static_call::__private::TAIL_PROLOGUE == TPRO);
-/// Length of a tail input: prologue, the jmp and the ret.
-const TLEN: usize = TPRO + 5 + 1;
+/// Length of a tail input, from the site: the jmp, the ret and the binding.
+const TLEN: usize = 5 + 1 + 2 * LEA_LEN + 5;
+const _: () = assert!(static_call::__private::TAIL_CODE == TLEN);
+/// Where the binding's parts start.
+const T_KEY: usize = 6;
+const T_SITE: usize = T_KEY + LEA_LEN;
+const T_JMP: usize = T_SITE + LEA_LEN;
 
 #[derive(Clone, Copy)]
 struct TailCase {
@@ -780,7 +782,7 @@ impl TailCase {
     fn hex(&self) -> String {
         let mut s = String::new();
         for (i, b) in self.code.iter().enumerate() {
-            if i == TPRO || i == TPRO + 5 {
+            if [5, T_KEY, T_SITE, T_JMP].contains(&i) {
                 s.push('|');
             }
             write!(s, "{b:02x}").unwrap();
@@ -792,62 +794,46 @@ impl TailCase {
 /// The tail oracle, on bytes only.
 fn tail_oracle(c: &TailCase) -> Verdict {
     let code = &c.code;
-    let jmp_at = c.start + TPRO as u64;
-    let rel = i32::from_le_bytes(code[TPRO + 1..TPRO + 5].try_into().unwrap());
-    let dest = (jmp_at + 5).wrapping_add(rel as i64 as u64);
-    if code[TPRO] != 0xe9 || dest != c.entry || code[TPRO + 5] != 0xc3 {
+    let rel = |at: usize| i32::from_le_bytes(code[at + 1..at + 5].try_into().unwrap());
+    let dest = (c.start + TLEN as u64).wrapping_add(rel(T_JMP) as i64 as u64);
+    if code[0] != 0xe9 || rel(0) != 1 || code[5] != 0xc3 || code[T_JMP] != 0xe9 || dest != c.entry {
         return Verdict::NotASite;
     }
-    let mut bindings = Vec::new();
-    for pad in 0..=MAX_PAD {
-        let at = TPRO - 2 * LEA_LEN - pad;
-        let (key_lea, rest) = code[at..TPRO].split_at(LEA_LEN);
-        let (site_lea, padding) = rest.split_at(LEA_LEN);
-        let lea_to = |lea: &[u8], modrm: u8, end: usize| {
-            (is_lea_r11_rex(lea[0]) && lea[1] == 0x8d && lea[2] == modrm).then(|| {
-                let disp = i32::from_le_bytes(lea[3..].try_into().unwrap());
-                (c.start + end as u64).wrapping_add(disp as i64 as u64)
-            })
-        };
-        // `4C..4F 8D 15` is `lea r10, [rip + disp32]` (REX.R with reg 010).
-        let key = lea_to(key_lea, 0x1d, at + LEA_LEN);
-        let site = lea_to(site_lea, 0x15, at + 2 * LEA_LEN);
-        if let (Some(key), Some(site)) = (key, site)
-            && site == jmp_at
-            && all_nops(padding)
-        {
-            let canonical = key_lea[0] == 0x4c && site_lea[0] == 0x4c && llvm_padding(padding);
-            bindings.push(Verdict::Site { key, canonical });
-        }
-    }
-    match bindings[..] {
-        [one] => one,
+    let lea_to = |lea: &[u8], modrm: u8, end: usize| {
+        (is_lea_r11_rex(lea[0]) && lea[1] == 0x8d && lea[2] == modrm).then(|| {
+            let disp = i32::from_le_bytes(lea[3..].try_into().unwrap());
+            (c.start + end as u64).wrapping_add(disp as i64 as u64)
+        })
+    };
+    // `4C..4F 8D 15` is `lea r10, [rip + disp32]` (REX.R with reg 010).
+    let key = lea_to(&code[T_KEY..T_SITE], 0x1d, T_SITE);
+    let site = lea_to(&code[T_SITE..T_JMP], 0x15, T_JMP);
+    match (key, site) {
+        (Some(key), Some(site)) if site == c.start => Verdict::Site {
+            key,
+            canonical: code[T_KEY] == 0x4c && code[T_SITE] == 0x4c,
+        },
         _ => Verdict::NotProven,
     }
 }
 
-/// A real tail site with `pad`, after int3s or random bytes; the case and its key.
-fn real_tail_site(rng: &mut Rng, pad: &[u8], random_filler: bool) -> (TailCase, u64) {
-    let jmp_at = rng.call_at();
-    let start = jmp_at - TPRO as u64;
-    let entry = (jmp_at + 5).wrapping_add(rng.next() as i32 as i64 as u64);
-    let mut code = [0xcc; TLEN];
-    if random_filler {
-        code.iter_mut().for_each(|b| *b = rng.byte());
-    }
-    let at = TPRO - 2 * LEA_LEN - pad.len();
+/// A real tail site (as `static_call_fn!` assembles it); the case and its key.
+fn real_tail_site(rng: &mut Rng) -> (TailCase, u64) {
+    let start = rng.call_at();
+    let entry = (start + TLEN as u64).wrapping_add(rng.next() as i32 as i64 as u64);
+    let mut code = [0u8; TLEN];
+    code[..5].copy_from_slice(&[0xe9, 1, 0, 0, 0]);
+    code[5] = 0xc3;
     let disp = rng.next() as i32;
-    code[at..at + 3].copy_from_slice(&[0x4c, 0x8d, 0x1d]);
-    code[at + 3..at + LEA_LEN].copy_from_slice(&disp.to_le_bytes());
-    code[at + LEA_LEN..at + LEA_LEN + 3].copy_from_slice(&[0x4c, 0x8d, 0x15]);
-    // lea r10 ends right before the padding; its disp32 is the padding's length.
-    code[at + LEA_LEN + 3..at + 2 * LEA_LEN].copy_from_slice(&(pad.len() as i32).to_le_bytes());
-    code[TPRO - pad.len()..TPRO].copy_from_slice(pad);
-    let rel = i32::try_from(entry.wrapping_sub(jmp_at + 5) as i64).unwrap();
-    code[TPRO] = 0xe9;
-    code[TPRO + 1..TPRO + 5].copy_from_slice(&rel.to_le_bytes());
-    code[TPRO + 5] = 0xc3;
-    let key = (start + (at + LEA_LEN) as u64).wrapping_add(disp as i64 as u64);
+    code[T_KEY..T_KEY + 3].copy_from_slice(&[0x4c, 0x8d, 0x1d]);
+    code[T_KEY + 3..T_SITE].copy_from_slice(&disp.to_le_bytes());
+    code[T_SITE..T_SITE + 3].copy_from_slice(&[0x4c, 0x8d, 0x15]);
+    // lea r10 ends at T_JMP; its disp32 reaches back to the site.
+    code[T_SITE + 3..T_JMP].copy_from_slice(&(-(T_JMP as i32)).to_le_bytes());
+    let rel = i32::try_from(entry.wrapping_sub(start + TLEN as u64) as i64).unwrap();
+    code[T_JMP] = 0xe9;
+    code[T_JMP + 1..].copy_from_slice(&rel.to_le_bytes());
+    let key = (start + T_SITE as u64).wrapping_add(disp as i64 as u64);
     (TailCase { code, start, entry }, key)
 }
 
@@ -890,28 +876,26 @@ fn tail_verifier_accepts_only_proven_tail_sites_and_no_kind_passes_for_another()
     let seed = env_u64("STATIC_CALL_FUZZ_SEED", DEFAULT_SEED) ^ 0x7a11;
     let mut rng = Rng(seed);
     let mut counts = BTreeMap::new();
-    for pad in LLVM_PADS {
-        for random_filler in [false, true] {
-            for _ in 0..iters / 10 {
-                let (c, key) = real_tail_site(&mut rng, pad, random_filler);
-                check_tail(&mut counts, "real tail site", &c);
-                if tail_oracle(&c)
-                    == (Verdict::Site {
-                        key,
-                        canonical: true,
-                    })
-                {
-                    assert_eq!(
-                        static_call::__private::prove_tail_site(&c.code, c.start, c.entry),
-                        Ok(key),
-                        "{}",
-                        c.hex()
-                    );
-                }
+    for _ in 0..iters / 2 {
+        let (c, key) = real_tail_site(&mut rng);
+        check_tail(&mut counts, "real tail site", &c);
+        assert_eq!(
+            tail_oracle(&c),
+            Verdict::Site {
+                key,
+                canonical: true,
             }
-        }
-        // Every single-byte change at every position.
-        let (c, _) = real_tail_site(&mut rng, pad, false);
+        );
+        assert_eq!(
+            static_call::__private::prove_tail_site(&c.code, c.start, c.entry),
+            Ok(key),
+            "{}",
+            c.hex()
+        );
+    }
+    // Every single-byte change at every position, of a few sites.
+    for _ in 0..4 {
+        let (c, _) = real_tail_site(&mut rng);
         for pos in 0..TLEN {
             for b in 0..=255u8 {
                 let mut m = c;
@@ -922,8 +906,7 @@ fn tail_verifier_accepts_only_proven_tail_sites_and_no_kind_passes_for_another()
     }
     for _ in 0..iters {
         // Random multi-byte changes of real sites, and uniformly random bytes.
-        let (pad, filler) = (rng.pick(&LLVM_PADS), rng.chance(2));
-        let (mut c, _) = real_tail_site(&mut rng, pad, filler);
+        let (mut c, _) = real_tail_site(&mut rng);
         for _ in 0..1 + rng.below(4) {
             c.code[rng.below(TLEN)] = rng.byte();
         }
@@ -936,27 +919,21 @@ fn tail_verifier_accepts_only_proven_tail_sites_and_no_kind_passes_for_another()
         // entry), and a tail site's bytes are never a call site.
         let (pad, filler) = (rng.pick(&LLVM_PADS), rng.chance(2));
         let (call, _) = real_site(&mut rng, pad, filler);
-        let mut as_tail = TailCase {
-            code: [0xcc; TLEN],
-            start: call.start + PRO as u64 - TPRO as u64,
-            entry: call.tramp,
-        };
-        as_tail.code[TPRO - PRO..TPRO + 5].copy_from_slice(&call.code);
-        let after = rng.byte();
-        as_tail.code[TPRO + 5] = rng.pick(&[0xc3, after]);
+        let (tail, _) = real_tail_site(&mut rng);
+        let mut as_tail = tail;
+        as_tail.start = call.start + PRO as u64;
+        as_tail.code[..5].copy_from_slice(&call.code[PRO..]);
+        as_tail.entry = rng.pick(&[call.tramp, tail.entry]);
         assert!(
             static_call::__private::prove_tail_site(&as_tail.code, as_tail.start, as_tail.entry)
                 .is_err(),
             "a call site proven as a tail site: {}",
             as_tail.hex()
         );
-        let (pad, filler) = (rng.pick(&LLVM_PADS), rng.chance(2));
-        let (tail, _) = real_tail_site(&mut rng, pad, filler);
-        let as_call = Case {
-            code: tail.code[TPRO - PRO..TPRO + 5].try_into().unwrap(),
-            start: tail.start + TPRO as u64 - PRO as u64,
-            tramp: tail.entry,
-        };
+        let mut as_call = call;
+        as_call.code[PRO..].copy_from_slice(&tail.code[..5]);
+        as_call.start = tail.start - PRO as u64;
+        as_call.tramp = rng.pick(&[call.tramp, tail.entry, tail.start + T_KEY as u64]);
         assert!(
             prove_site(&as_call.code, as_call.start, as_call.tramp).is_err(),
             "a tail site proven as a call site: {}",
@@ -975,8 +952,8 @@ fn tail_verifier_accepts_only_proven_tail_sites_and_no_kind_passes_for_another()
 #[test]
 fn tail_oracle_knows_tail_sites_from_non_sites() {
     let mut rng = Rng(2);
-    for pad in LLVM_PADS {
-        let (c, key) = real_tail_site(&mut rng, pad, false);
+    for _ in 0..16 {
+        let (c, key) = real_tail_site(&mut rng);
         assert_eq!(
             tail_oracle(&c),
             Verdict::Site {
@@ -985,16 +962,22 @@ fn tail_oracle_knows_tail_sites_from_non_sites() {
             }
         );
         let mut no_ret = c;
-        no_ret.code[TPRO + 5] = 0x90;
+        no_ret.code[5] = 0x90;
         assert_eq!(tail_oracle(&no_ret), Verdict::NotASite);
         let mut call = c;
-        call.code[TPRO] = 0xe8;
+        call.code[0] = 0xe8;
         assert_eq!(tail_oracle(&call), Verdict::NotASite);
+        let mut elsewhere = c;
+        elsewhere.code[1] = 2; // the jmp skips the binding's first byte
+        assert_eq!(tail_oracle(&elsewhere), Verdict::NotASite);
+        let mut other_entry = c;
+        other_entry.code[T_JMP + 1] ^= 1;
+        assert_eq!(tail_oracle(&other_entry), Verdict::NotASite);
         let mut wrong_site = c;
-        wrong_site.code[TPRO - pad.len() - 4] ^= 1; // lea r10's disp32: not the jmp any more
+        wrong_site.code[T_SITE + 3] ^= 1; // lea r10's disp32: not the site any more
         assert_eq!(tail_oracle(&wrong_site), Verdict::NotProven);
         let mut r11_twice = c;
-        r11_twice.code[TPRO - pad.len() - 5] = 0x1d;
+        r11_twice.code[T_SITE + 2] = 0x1d;
         assert_eq!(tail_oracle(&r11_twice), Verdict::NotProven);
     }
 }
@@ -1205,13 +1188,13 @@ fn neither_proof_accepts_the_other_kind() {
             "(the same bytes would be a call site if both entries were one: they must not be)"
         );
 
-        // A tail site's `jmp <tail entry>` to the branch verifier (with a real stub), and a
-        // branch site's `jmp <stub>` (with a real tail site's prologue and `ret`) to the tail
-        // verifier. (Both are `E9 rel32`: what tells them apart is where they jump, the tail
-        // entry or a stub, which are never the same address.)
-        let (tail, _) = real_tail_site(&mut rng, pad, i % 2 == 0);
-        let tail_insn: [u8; 5] = tail.code[TPRO..TPRO + 5].try_into().unwrap();
-        let tail_at = tail.start + TPRO as u64;
+        // A tail site's `jmp <binding>` to the branch verifier (with a real stub), and a branch
+        // site's `jmp <stub>` (followed by a real tail site's `ret` and binding) to the tail
+        // verifier. (Both are `E9 rel32`: what tells them apart is what they reach, a binding
+        // that jumps to the tail entry or a stub that calls the branch entry.)
+        let (tail, _) = real_tail_site(&mut rng);
+        let tail_insn: [u8; 5] = tail.code[..5].try_into().unwrap();
+        let tail_at = tail.start;
         let tail_as_branch = BranchCase {
             insn: tail_insn,
             site: tail_at,
@@ -1221,8 +1204,8 @@ fn neither_proof_accepts_the_other_kind() {
         assert_eq!(check_branch("a tail site", &tail_as_branch), None);
         assert!(prove_branch(&tail_insn, tail_at, &branch.stub, tail.entry).is_err());
         let mut code = tail.code;
-        code[TPRO..TPRO + 5].copy_from_slice(&branch.insn);
-        let start = branch.site - TPRO as u64;
+        code[..5].copy_from_slice(&branch.insn);
+        let start = branch.site;
         for entry in [tail.entry, branch.entry] {
             assert!(
                 static_call::__private::prove_tail_site(&code, start, entry).is_err(),

@@ -49,10 +49,12 @@ const LEA_LEN: usize = 7;
 const MAX_PAD: usize = 4;
 /// Bytes the verifier reads before the call: the longest `lea` + padding.
 pub const PROLOGUE: usize = LEA_LEN + MAX_PAD;
-/// Bytes the verifier reads before a tail site's `jmp`: two `lea`s + padding.
-pub const TAIL_PROLOGUE: usize = 2 * LEA_LEN + MAX_PAD;
-/// Bytes the verifier reads of a tail site: its prologue, the `jmp` and the `ret` after it.
-pub const TAIL_CODE: usize = TAIL_PROLOGUE + INSN_LEN + 1;
+/// Where a tail site's binding starts, counted from the site: after its five bytes and the `ret`.
+/// The site's home is `jmp` there.
+pub const TAIL_BINDING: usize = INSN_LEN + 1;
+/// Bytes the verifier reads of a tail site, from the site: its five bytes, the `ret`, and the
+/// binding (`lea r11, [rip + key]`, `lea r10, [rip + site]`, `jmp <tail entry>`).
+pub const TAIL_CODE: usize = TAIL_BINDING + 2 * LEA_LEN + INSN_LEN;
 /// Size (and alignment) of the word that is swapped to rewrite a site.
 pub const WORD: usize = 8;
 
@@ -290,53 +292,51 @@ pub fn prove_site(code: &[u8], start: u64, trampoline: u64) -> Result<u64, Reaso
     proven.ok_or(Reason::KeyNotProven)
 }
 
-/// Proves that `code` is one of our tail sites (`static_call_fn!`) and returns the key it binds.
+/// Proves that `code` is one of our tail sites (`static_call_fn!`), unpatched, and returns the
+/// key it binds.
 ///
-/// `code` holds the `TAIL_PROLOGUE` bytes before the `jmp`, its five bytes and one more; its
-/// first byte is at address `start`. The proof:
-/// 1. the five bytes are `jmp entry` (the tail entry: only a tail site jumps there) and the
-///    byte after them is `ret`;
-/// 2. for exactly one padding length, the bytes before the `jmp` decode as `lea r11, [rip +
-///    disp32]`, then `lea r10, [rip + disp32]` computing the `jmp`'s own address, then nothing
-///    but NOPs.
+/// `code` holds the `TAIL_CODE` bytes from the site, which is at address `start` (the wrapper's
+/// first instruction, after at most 4 bytes of padding). The proof:
+/// 1. the five bytes are `jmp start + TAIL_BINDING` (`E9` and a rel32 of 1), and the byte after
+///    them is `ret`;
+/// 2. at `start + TAIL_BINDING`: `lea r11, [rip + disp32]` (the key), `lea r10, [rip + disp32]`
+///    computing `start`, and `jmp entry`, the tail entry, which only a tail site's binding jumps
+///    to (a call site calls the call entry; a branch stub calls the branch entry).
 ///
-/// As for call sites, a naked function is indivisible to the compiler: the only way into it is
-/// its first instruction, the key's `lea`.
+/// The binding follows a `ret` and is reached only from the site's own `jmp`; a naked function
+/// is entered only at its first instruction, the site. Once patched, the site jumps to the
+/// target directly and the binding is dead code, kept for the trampoline.
 pub fn prove_tail_site(code: &[u8], start: u64, entry: u64) -> Result<u64, Reason> {
     if code.len() != TAIL_CODE {
         return Err(Reason::NotASite);
     }
-    let jmp_at = start
-        .checked_add(TAIL_PROLOGUE as u64)
+    let binding = start
+        .checked_add(TAIL_BINDING as u64)
         .ok_or(Reason::NotASite)?;
-    let jmp = decode_one(&code[TAIL_PROLOGUE..TAIL_PROLOGUE + INSN_LEN], jmp_at)
-        .ok_or(Reason::NotASite)?;
+    let home = decode_one(&code[..INSN_LEN], start).ok_or(Reason::NotASite)?;
+    if home.code() != Code::Jmp_rel32_64
+        || home.near_branch64() != binding
+        || code[INSN_LEN] != 0xc3
+    {
+        return Err(Reason::NotASite);
+    }
+    let lea_r10 = TAIL_BINDING + LEA_LEN;
+    let jmp_at = lea_r10 + LEA_LEN;
+    let jmp = decode_one(&code[jmp_at..], start + jmp_at as u64).ok_or(Reason::NotASite)?;
     if jmp.code() != Code::Jmp_rel32_64 || jmp.near_branch64() != entry {
         return Err(Reason::NotASite);
     }
-    if code[TAIL_PROLOGUE + INSN_LEN] != 0xc3 {
-        return Err(Reason::NotASite);
+    let key = lea_rip(&code[TAIL_BINDING..lea_r10], binding, Register::R11)
+        .ok_or(Reason::KeyNotProven)?;
+    if lea_rip(
+        &code[lea_r10..jmp_at],
+        start + lea_r10 as u64,
+        Register::R10,
+    ) != Some(start)
+    {
+        return Err(Reason::KeyNotProven);
     }
-    let mut proven = None;
-    for pad in 0..=MAX_PAD {
-        let from = TAIL_PROLOGUE - 2 * LEA_LEN - pad;
-        let bytes = &code[from..TAIL_PROLOGUE];
-        let ip = start + from as u64;
-        let Some(key) = lea_rip(&bytes[..LEA_LEN], ip, Register::R11) else {
-            continue;
-        };
-        let at = ip + LEA_LEN as u64;
-        if lea_rip(&bytes[LEA_LEN..2 * LEA_LEN], at, Register::R10) != Some(jmp_at)
-            || !only_nops(&bytes[2 * LEA_LEN..], at + LEA_LEN as u64)
-        {
-            continue;
-        }
-        if proven.is_some() {
-            return Err(Reason::KeyNotProven);
-        }
-        proven = Some(key);
-    }
-    proven.ok_or(Reason::KeyNotProven)
+    Ok(key)
 }
 
 /// Proves that the five bytes `code` at address `start` are an unpatched run-time site: exactly

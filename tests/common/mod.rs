@@ -146,23 +146,53 @@ pub fn assert_jumps(site: usize, target: usize, what: &str) {
     );
 }
 
-/// The tail site of a `static_call_fn!` wrapper at `func`: the address its second instruction,
-/// `lea r10, [rip + site]`, computes (whatever the site holds now).
+/// Where a tail site's binding starts, from the site (after its five bytes and the `ret`); an
+/// unpatched site jumps there.
+pub const TAIL_BINDING: usize = 6;
+
+/// The tail site of a `static_call_fn!` wrapper at `func` (whatever the site holds now): the
+/// wrapper's first instruction after at most 4 bytes of padding, followed by `ret` and the
+/// binding, `lea r11, [rip + key]` and `lea r10, [rip + site]`, whose second `lea` names it.
 #[track_caller]
 pub fn tail_site(func: usize) -> usize {
-    let bytes = read(func, 14);
-    let mut d = Decoder::with_ip(64, &bytes, func as u64, DecoderOptions::NONE);
-    let (key, site) = (d.decode(), d.decode());
-    for (lea, reg) in [(&key, Register::R11), (&site, Register::R10)] {
-        assert!(
-            lea.code() == Code::Lea_r64_m
-                && lea.op0_register() == reg
-                && lea.is_ip_rel_memory_operand(),
-            "{func:#x} does not start as a tail site:\n{}",
-            disassemble(func, 64)
-        );
-    }
-    site.ip_rel_memory_address() as usize
+    let bytes = read(func, 4 + TAIL_BINDING + 14);
+    let found: Vec<usize> = (0..=4)
+        .filter(|&pad| {
+            let binding = pad + TAIL_BINDING;
+            let mut d = Decoder::with_ip(
+                64,
+                &bytes[binding..],
+                (func + binding) as u64,
+                DecoderOptions::NONE,
+            );
+            let (key, site) = (d.decode(), d.decode());
+            bytes[pad + 5] == 0xc3
+                && [(&key, Register::R11), (&site, Register::R10)]
+                    .iter()
+                    .all(|(lea, reg)| {
+                        lea.code() == Code::Lea_r64_m
+                            && lea.op0_register() == *reg
+                            && lea.is_ip_rel_memory_operand()
+                    })
+                && site.ip_rel_memory_address() as usize == func + pad
+        })
+        .map(|pad| func + pad)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "{func:#x} does not start as a tail site:\n{}",
+        disassemble(func, 64)
+    );
+    found[0]
+}
+
+/// Asserts that the tail site at `site` is unpatched: it jumps to its binding, whose `jmp` goes
+/// to the tail entry.
+#[track_caller]
+pub fn assert_tail_home(site: usize) {
+    assert_jumps(site, site + TAIL_BINDING, "its binding");
+    assert_jumps(site + TAIL_BINDING + 14, tail_entry(), "the tail entry");
 }
 
 pub fn format(insn: &Instruction) -> String {
