@@ -354,7 +354,7 @@ def main():
         for label, code, b in [
             ("`inc(x)` (direct)", "`jmp inc`", "direct"),
             ("`static_call!(K)(x)`, patched", "`push; lea r11; call inc; pop; ret`", "static_natural"),
-            ("`static_call_fn!(fn w(x: u64) -> u64 = K)`, patched", "`lea r11; lea r10; jmp inc`",
+            ("`static_call_fn!(fn w(x: u64) -> u64 = K)`, patched", "`jmp inc`",
              "static_call_fn"),
             ("`static_call!(R)(x)` over a Rust key (`fn(u64) -> u64`), patched",
              "`push; lea r11; call <adapter>; cmp rax, SENTINEL; je; pop; ret`", "static_rust_natural"),
