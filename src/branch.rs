@@ -592,7 +592,15 @@ macro_rules! __static_branch_site {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __static_branch_asm {
+    // Likely-false: the stub jumps to the label (the on side) when the key is on.
     (unlikely, $base:path, $off:expr, $id:expr) => {
+        $crate::__static_branch_asm!(@site "jnz", true, $base, $off, $id)
+    };
+    // Likely-true: the stub jumps to the label (the off side) when the key is off.
+    (likely, $base:path, $off:expr, $id:expr) => {
+        $crate::__static_branch_asm!(@site "jz", false, $base, $off, $id)
+    };
+    (@site $jcc:literal, $to_label:literal, $base:path, $off:expr, $id:expr) => {
         '__static_branch: {
             // SAFETY: the block clobbers nothing but the flags: unpatched, its stub saves and
             // restores r11 around the branch entry, which preserves every other register;
@@ -610,45 +618,17 @@ macro_rules! __static_branch_asm {
                     "lea r11, [rip + {key} + {off}]",
                     "call {entry}",
                     "pop r11",
-                    "jnz {on}",
+                    ::core::concat!($jcc, " {label}"),
                     "jmp 4b",
                     ".popsection",
                     key = sym $base,
                     off = const $off,
                     entry = sym $crate::__private::branch_entry,
                     id = const $id,
-                    on = label { break '__static_branch true },
+                    label = label { break '__static_branch $to_label },
                 );
             }
-            false
-        }
-    };
-    (likely, $base:path, $off:expr, $id:expr) => {
-        '__static_branch: {
-            // SAFETY: as for the `unlikely` form; the stub's `jz` jumps to the off side.
-            unsafe {
-                ::core::arch::asm!(
-                    "/* static_call branch {id} */",
-                    ".p2align 3,,4",
-                    "jmp 3f",
-                    "4:",
-                    ".pushsection .text.unlikely.static_call_branch,\"ax\",@progbits",
-                    "3:",
-                    "push r11",
-                    "lea r11, [rip + {key} + {off}]",
-                    "call {entry}",
-                    "pop r11",
-                    "jz {off_side}",
-                    "jmp 4b",
-                    ".popsection",
-                    key = sym $base,
-                    off = const $off,
-                    entry = sym $crate::__private::branch_entry,
-                    id = const $id,
-                    off_side = label { break '__static_branch false },
-                );
-            }
-            true
+            !$to_label
         }
     };
 }
